@@ -1,0 +1,59 @@
+# fmapi — every install step lives here, so a fresh machine needs only `make run` / `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRA ?= cpu
+CONSTRAINTS := requirements/constraints.txt
+PROTOS := $(shell find protos -name '*.proto')
+GEN := gen/python
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -U pip wheel
+
+$(VENV)/.tools: $(BIN)/python $(CONSTRAINTS)
+	$(PIP) grpcio-tools buf-bin
+	touch $@
+
+$(GEN)/.stamp: $(VENV)/.tools $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=$(GEN) --grpc_python_out=$(GEN) --pyi_out=$(GEN) $(PROTOS)
+	find $(GEN)/fmapi -type d -exec touch {}/__init__.py \;
+	touch $@
+
+gen: $(GEN)/.stamp ## generate Python code from protos/ (into gen/, not committed)
+
+# torch first, pinned, so nothing pulls a multi-GB CUDA build; PyPI's torchvision/torchaudio/
+# torchcodec break `import transformers` beside the CPU torch, and vLLM's text models need none.
+$(VENV)/.deps: $(VENV)/.tools $(GEN)/.stamp pyproject.toml $(CONSTRAINTS)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[$(EXTRA),dev]'
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+install: $(VENV)/.deps ## create .venv with every dependency and the generated code
+
+lint: install ## buf lint (STANDARD) on the protos
+	$(BIN)/buf lint protos
+
+run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:$${FMAPI_HTTP_PORT:-8080})
+	$(BIN)/fmapi dev up
+
+test: install lint ## install everything and run the whole test suite
+	$(BIN)/python -m pytest tests
+
+bench: install ## run the benchmarks (prints ratios)
+	$(BIN)/python -m bench
+
+clean: ## remove generated code and runtime files (keeps .venv)
+	rm -rf $(GEN) .fmapi/run
+
+.PHONY: help gen install lint run test bench clean

@@ -1,0 +1,1 @@
+"""The fmapi command line."""

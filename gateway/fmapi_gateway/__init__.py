@@ -1,0 +1,1 @@
+"""fmapi gateway: OpenAI-compatible REST and the public gRPC API."""

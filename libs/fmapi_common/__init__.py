@@ -1,0 +1,1 @@
+"""What every fmapi service shares: server bootstrap, config, telemetry, errors."""

@@ -1,0 +1,50 @@
+"""One typed config object per service, read from the environment and command-line flags.
+
+Every service subclasses :class:`ServiceConfig` with its own ``env_prefix``; nothing else in
+fmapi reads the environment (OpenTelemetry's standard ``OTEL_*`` variables are read by the SDK).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+C = TypeVar("C", bound="ServiceConfig")
+
+
+class ServiceConfig(BaseSettings):
+    """Settings every gRPC service has."""
+
+    model_config = SettingsConfigDict(extra="forbid", cli_kebab_case=True, cli_implicit_flags=True)
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Where to write the bound port once listening (lets a supervisor use port 0).
+    port_file: str | None = None
+    log_level: str = "INFO"
+    # Seconds in-flight calls get to finish on SIGTERM.
+    grace_seconds: float = 5.0
+    # gRPC max receive message size.
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+def load_config(cls: type[C], argv: list[str] | None = None, prog: str | None = None) -> C:
+    """Build ``cls`` from env and flags; exit with a clear message when a value is missing or bad."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return cls(_cli_parse_args=args, _cli_prog_name=prog)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
+        lines = []
+        for e in exc.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            env = (prefix + field).upper().replace("-", "_")
+            flag = "--" + field.replace("_", "-")
+            if e["type"] == "missing":
+                lines.append(f"missing required setting {field}: set {env} or pass {flag}")
+            else:
+                lines.append(f"bad setting {field} ({env} / {flag}): {e['msg']}")
+        raise SystemExit(f"{prog or cls.__name__}: " + "; ".join(lines)) from None

@@ -1,0 +1,233 @@
+"""The one error model of fmapi, and its mappings at each boundary.
+
+Domain code raises :class:`FmapiError` subclasses. The gRPC boundary turns them into a
+``google.rpc.Status`` with ``ErrorInfo`` (reason, param), ``BadRequest`` and ``RetryInfo``
+details; the HTTP boundary turns a gRPC status (or a domain error) into an HTTP status with both
+the OpenAI body ``{"error": {...}}`` and Databricks' ``error_code``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+DOMAIN = "fmapi"
+
+
+class FmapiError(Exception):
+    """A failure the caller should hear about, with a message that names the problem."""
+
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        reason: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if reason:
+            self.reason = reason
+        self.retry_after = retry_after
+
+
+class InvalidArgument(FmapiError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "invalid_parameter_value"
+
+
+class NotFound(FmapiError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    reason = "not_found"
+
+
+class Unauthenticated(FmapiError):
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "invalid_api_key"
+
+
+class PermissionDenied(FmapiError):
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "permission_denied"
+
+
+class ResourceExhausted(FmapiError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "rate_limit_exceeded"
+
+
+class FailedPrecondition(FmapiError):
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "failed_precondition"
+
+
+class Unavailable(FmapiError):
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    reason = "temporarily_unavailable"
+
+
+class PayloadTooLarge(FmapiError):
+    """Only raised at the HTTP boundary (gRPC has its own message size limit)."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "payload_too_large"
+
+
+class Internal(FmapiError):
+    grpc_code = grpc.StatusCode.INTERNAL
+    reason = "internal_error"
+
+
+_BY_GRPC_CODE: dict[grpc.StatusCode, type[FmapiError]] = {
+    cls.grpc_code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        Unauthenticated,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Unavailable,
+        Internal,
+    )
+}
+
+
+# ---------------------------------------------------------------- domain -> gRPC
+
+
+def to_rpc_status(err: FmapiError) -> grpc.Status:
+    """Build the rich gRPC status for a domain error."""
+    from grpc_status import rpc_status
+
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN)
+    if err.param:
+        info.metadata["param"] = err.param
+    details.append(info)
+    if err.param:
+        br = error_details_pb2.BadRequest()
+        br.field_violations.add(field=err.param, description=err.message)
+        details.append(br)
+    if err.retry_after is not None:
+        details.append(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(
+                    seconds=int(err.retry_after),
+                    nanos=int((err.retry_after % 1) * 1e9),
+                )
+            )
+        )
+    status = status_pb2.Status(code=err.grpc_code.value[0], message=err.message)
+    for d in details:
+        status.details.add().Pack(d)
+    return rpc_status.to_status(status)
+
+
+# ---------------------------------------------------------------- gRPC -> domain
+
+
+def from_rpc_error(exc: grpc.RpcError) -> FmapiError:
+    """Rebuild the domain error carried by a failed call (details included)."""
+    from grpc_status import rpc_status
+
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    message = (exc.details() if hasattr(exc, "details") else None) or str(code)
+    param = reason = None
+    retry_after = None
+    try:
+        status = rpc_status.from_call(exc)
+    except Exception:  # malformed trailers: keep code and message
+        status = None
+    if status is not None:
+        for any_ in status.details:
+            if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                any_.Unpack(info)
+                reason = info.reason or None
+                param = info.metadata.get("param") or None
+            elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                ri = error_details_pb2.RetryInfo()
+                any_.Unpack(ri)
+                retry_after = ri.retry_delay.seconds + ri.retry_delay.nanos / 1e9
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and reason is None:
+        cls: type[FmapiError] = Unavailable
+        message = f"upstream service unavailable: {message}"
+    else:
+        cls = _BY_GRPC_CODE.get(code, Internal)
+    return cls(message, param=param, reason=reason, retry_after=retry_after)
+
+
+# ---------------------------------------------------------------- domain -> HTTP
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    body: dict
+    headers: dict[str, str]
+
+
+_HTTP: dict[type[FmapiError], tuple[int, str, str]] = {
+    # class: (http status, OpenAI error type, Databricks error_code)
+    InvalidArgument: (400, "invalid_request_error", "INVALID_PARAMETER_VALUE"),
+    NotFound: (404, "invalid_request_error", "RESOURCE_DOES_NOT_EXIST"),
+    Unauthenticated: (401, "authentication_error", "UNAUTHENTICATED"),
+    PermissionDenied: (403, "permission_error", "PERMISSION_DENIED"),
+    ResourceExhausted: (429, "rate_limit_error", "REQUEST_LIMIT_EXCEEDED"),
+    FailedPrecondition: (400, "invalid_request_error", "INVALID_STATE"),
+    PayloadTooLarge: (413, "invalid_request_error", "INVALID_PARAMETER_VALUE"),
+    Unavailable: (503, "server_error", "TEMPORARILY_UNAVAILABLE"),
+    Internal: (500, "server_error", "INTERNAL_ERROR"),
+}
+
+
+def to_http(err: FmapiError) -> HttpError:
+    """HTTP status, body (OpenAI and Databricks shapes at once) and headers for an error."""
+    status, etype, db_code = next(
+        (v for cls, v in _HTTP.items() if isinstance(err, cls)), _HTTP[Internal]
+    )
+    body = {
+        "error": {
+            "message": err.message,
+            "type": etype,
+            "param": err.param,
+            "code": err.reason,
+        },
+        "error_code": db_code,
+        "message": err.message,
+    }
+    headers: dict[str, str] = {}
+    retry_after = err.retry_after
+    if retry_after is None and status == 503:
+        retry_after = 1.0
+    if retry_after is not None and status in (429, 503):
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+        headers["retry-after-ms"] = str(int(retry_after * 1000))
+    return HttpError(status, body, headers)
+
+
+__all__ = [
+    "FmapiError",
+    "InvalidArgument",
+    "NotFound",
+    "Unauthenticated",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Unavailable",
+    "PayloadTooLarge",
+    "Internal",
+    "to_rpc_status",
+    "from_rpc_error",
+    "to_http",
+]

@@ -1,0 +1,64 @@
+"""OpenTelemetry set-up, done once per process.
+
+Spans are exported over OTLP/gRPC when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (the SDK reads the
+standard ``OTEL_*`` variables); W3C trace context travels in gRPC metadata through the gRPC
+instrumentation's interceptors and in HTTP headers through :func:`extract_http_context`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+_configured = False
+
+
+def setup_telemetry(service_name: str) -> None:
+    """Install the tracer provider for this process (idempotent)."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    logging.getLogger(__name__).debug("telemetry ready for %s", service_name)
+
+
+def shutdown_telemetry() -> None:
+    """Flush spans still buffered (called on graceful shutdown)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
+
+
+def server_interceptors() -> list:
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor()]
+
+
+def client_interceptors() -> list:
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())
+
+
+def extract_http_context(headers: Mapping[str, str]):
+    """The trace context a caller sent in ``traceparent``/``tracestate`` headers."""
+    return propagate.extract(headers)
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)

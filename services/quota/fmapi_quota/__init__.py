@@ -1,0 +1,1 @@
+"""fmapi quota service."""
