@@ -38,6 +38,9 @@ class GrpcService:
     health: health_aio.HealthServicer
     service_names: list[str]
     grace_seconds: float
+    # Run first on shutdown, while calls still flow (e.g. deregister from routing).
+    on_drain: list[Hook] = field(default_factory=list)
+    # Run after the server stopped (close clients, flush).
     on_stop: list[Hook] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
@@ -51,12 +54,9 @@ class GrpcService:
 
     async def stop(self) -> None:
         await self.set_serving(False)
+        await _run_hooks(self.on_drain)
         await self.server.stop(self.grace_seconds)
-        for hook in self.on_stop:
-            try:
-                await hook()
-            except Exception:
-                log.exception("shutdown hook failed")
+        await _run_hooks(self.on_stop)
 
     async def serve_until_signal(self) -> None:
         """Block until SIGTERM or SIGINT, then stop gracefully."""
@@ -110,6 +110,14 @@ async def start_grpc_service(
         write_port_file(config.port_file, port)
     log.info("listening on %s:%d (%s)", config.host, port, ", ".join(names))
     return svc
+
+
+async def _run_hooks(hooks: list[Hook]) -> None:
+    for hook in hooks:
+        try:
+            await hook()
+        except Exception:
+            log.exception("shutdown hook failed")
 
 
 def write_port_file(path: str, port: int) -> None:

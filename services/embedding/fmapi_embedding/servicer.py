@@ -1,0 +1,45 @@
+"""EmbeddingService: proto <-> domain, nothing else."""
+
+from __future__ import annotations
+
+from fmapi.embedding.v1 import embedding_pb2 as pb
+from fmapi.embedding.v1 import embedding_pb2_grpc
+
+from .service import EmbedOptions, Embedder
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, embedder: Embedder) -> None:
+        self._embedder = embedder
+
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        inputs = [
+            i.text if i.WhichOneof("kind") == "text" else list(i.tokens.ids) for i in request.inputs
+        ]
+        result = await self._embedder.embed(
+            request.model,
+            inputs,
+            EmbedOptions(
+                normalize=request.normalize,
+                instruction=request.instruction,
+                truncate=request.truncate,
+                dimensions=request.dimensions,
+            ),
+        )
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=row) for row in result.vectors.tolist()],
+            input_tokens=result.input_tokens,
+            model=request.model,
+        )
+
+    async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=name,
+                    dimensions=h.encoder.dimensions,
+                    max_input_tokens=h.encoder.max_input_tokens,
+                )
+                for name, h in self._embedder.models.items()
+            ]
+        )

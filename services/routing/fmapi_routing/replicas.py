@@ -1,0 +1,134 @@
+"""The replica registry, kept in Redis so every routing replica sees the same one.
+
+``fmapi:replica:<id>`` is a hash (address, kind, models, inflight, dedicated endpoint) that expires
+``ttl`` seconds after the last heartbeat; ``fmapi:model:<model>`` is a sorted set of replica ids
+scored by their expiry time, so a dead replica drops out on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as redis
+
+_PREFIX = "fmapi:"
+
+# Drops expired members, then returns id, address, inflight, dedicated endpoint of the rest.
+_LIVE_SCRIPT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local out = {}
+for _, id in ipairs(ids) do
+  local h = redis.call('HMGET', ARGV[2] .. id, 'address', 'inflight', 'dedicated_endpoint')
+  if h[1] then
+    table.insert(out, id); table.insert(out, h[1]); table.insert(out, h[2] or '0')
+    table.insert(out, h[3] or '')
+  end
+end
+return out
+"""
+
+
+@dataclass
+class ReplicaInfo:
+    id: str
+    address: str
+    kind: int = 0
+    models: list[str] = field(default_factory=list)
+    inflight: int = 0
+    dedicated_endpoint: str = ""
+    last_seen: float = 0.0
+
+
+class ReplicaStore:
+    def __init__(self, client: redis.Redis) -> None:
+        self._r = client
+        self._live = client.register_script(_LIVE_SCRIPT)
+
+    @staticmethod
+    def _key(replica_id: str) -> str:
+        return f"{_PREFIX}replica:{replica_id}"
+
+    @staticmethod
+    def _model_key(model: str) -> str:
+        return f"{_PREFIX}model:{model}"
+
+    async def register(self, info: ReplicaInfo, ttl: float) -> str:
+        info.id = info.id or uuid.uuid4().hex
+        now = time.time()
+        key = self._key(info.id)
+        async with self._r.pipeline(transaction=True) as p:
+            p.hset(
+                key,
+                mapping={
+                    "address": info.address,
+                    "kind": info.kind,
+                    "models": json.dumps(info.models),
+                    "inflight": info.inflight,
+                    "dedicated_endpoint": info.dedicated_endpoint,
+                    "last_seen": now,
+                    "ttl": ttl,
+                },
+            )
+            p.pexpire(key, int(ttl * 1000))
+            for m in info.models:
+                p.zadd(self._model_key(m), {info.id: now + ttl})
+            await p.execute()
+        return info.id
+
+    async def heartbeat(self, replica_id: str, inflight: int) -> bool:
+        key = self._key(replica_id)
+        data = await self._r.hmget(key, "models", "ttl")
+        if data[0] is None:
+            return False
+        models, ttl = json.loads(data[0]), float(data[1])
+        now = time.time()
+        async with self._r.pipeline(transaction=True) as p:
+            p.hset(key, mapping={"inflight": inflight, "last_seen": now})
+            p.pexpire(key, int(ttl * 1000))
+            for m in models:
+                p.zadd(self._model_key(m), {replica_id: now + ttl})
+            await p.execute()
+        return True
+
+    async def deregister(self, replica_id: str) -> None:
+        key = self._key(replica_id)
+        models = await self._r.hget(key, "models")
+        async with self._r.pipeline(transaction=True) as p:
+            p.delete(key)
+            for m in json.loads(models) if models else []:
+                p.zrem(self._model_key(m), replica_id)
+            await p.execute()
+
+    async def live_for_model(self, model: str) -> list[ReplicaInfo]:
+        flat = await self._live(keys=[self._model_key(model)], args=[time.time(), f"{_PREFIX}replica:"])
+        out = []
+        for i in range(0, len(flat), 4):
+            rid, addr, inflight, dedicated = (
+                v.decode() if isinstance(v, bytes) else str(v) for v in flat[i : i + 4]
+            )
+            out.append(ReplicaInfo(rid, addr, models=[model], inflight=int(inflight), dedicated_endpoint=dedicated))
+        return out
+
+    async def all_live(self) -> list[ReplicaInfo]:
+        out = []
+        async for key in self._r.scan_iter(match=f"{_PREFIX}replica:*", count=500):
+            h = await self._r.hgetall(key)
+            if not h:
+                continue
+            h = {k.decode(): v.decode() for k, v in h.items()}
+            out.append(
+                ReplicaInfo(
+                    id=key.decode().rsplit(":", 1)[1],
+                    address=h["address"],
+                    kind=int(h.get("kind", 0)),
+                    models=json.loads(h.get("models", "[]")),
+                    inflight=int(h.get("inflight", 0)),
+                    dedicated_endpoint=h.get("dedicated_endpoint", ""),
+                    last_seen=float(h.get("last_seen", 0)),
+                )
+            )
+        return out

@@ -1,0 +1,41 @@
+"""Wiring: config -> registry, Redis store, router, gRPC server."""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
+from fmapi_common.server import GrpcService, start_grpc_service
+from fmapi_common.telemetry import setup_telemetry
+
+from .config import RoutingConfig
+from .endpoints import load_registry
+from .replicas import ReplicaStore
+from .router import Router
+from .servicer import RoutingServicer
+
+SERVICE = routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name
+
+
+async def create(config: RoutingConfig) -> GrpcService:
+    setup_telemetry("routing")
+    try:
+        registry = load_registry(config.endpoints_file)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"routing: {exc}") from None
+    client = redis.Redis.from_url(config.redis_url)
+    store = ReplicaStore(client)
+    router = Router(registry, store.live_for_model)
+
+    def register(server):
+        routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(router, store), server)
+        return [SERVICE]
+
+    svc = await start_grpc_service(config, register)
+    svc.on_stop.append(client.aclose)
+    return svc
+
+
+async def serve(config: RoutingConfig) -> None:
+    svc = await create(config)
+    await svc.serve_until_signal()
