@@ -1,0 +1,82 @@
+"""Clients for the internal services the gateway calls (routing, embedding, generation)."""
+
+from __future__ import annotations
+
+import grpc
+
+from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
+from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
+from fmapi_common.channels import ChannelPool, make_channel
+from fmapi_common.errors import from_rpc_error
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class Backends:
+    def __init__(self, routing_addr: str, timeout: float) -> None:
+        self._routing_channel = make_channel(routing_addr)
+        self.routing = routing_pb2_grpc.RoutingServiceStub(self._routing_channel)
+        self.pool = ChannelPool()
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        await self._routing_channel.close()
+        await self.pool.close()
+
+    async def resolve(self, name: str) -> routing_pb2.ResolveEndpointResponse:
+        try:
+            return await self.routing.ResolveEndpoint(
+                routing_pb2.ResolveEndpointRequest(name=name), timeout=5
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def get_endpoint(self, name: str) -> routing_pb2.Endpoint:
+        try:
+            resp = await self.routing.GetEndpoint(routing_pb2.GetEndpointRequest(name=name), timeout=5)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return resp.endpoint
+
+    async def list_endpoints(self) -> list[routing_pb2.Endpoint]:
+        try:
+            resp = await self.routing.ListEndpoints(routing_pb2.ListEndpointsRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return list(resp.endpoints)
+
+    async def live_models(self) -> set[str]:
+        """Models with at least one live replica."""
+        try:
+            resp = await self.routing.ListReplicas(routing_pb2.ListReplicasRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return {m for r in resp.replicas for m in r.models}
+
+    async def embed(self, address: str, request: embedding_pb2.EmbedRequest) -> embedding_pb2.EmbedResponse:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(self.pool.get(address))
+        try:
+            return await stub.Embed(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def health(self) -> dict[str, str]:
+        """Health of routing and of every live replica, as reported by their health services."""
+        out: dict[str, str] = {}
+        out["routing"] = await _check(self._routing_channel)
+        if out["routing"] != "SERVING":
+            return out
+        resp = await self.routing.ListReplicas(routing_pb2.ListReplicasRequest(), timeout=5)
+        for r in resp.replicas:
+            out[f"{routing_pb2.ReplicaKind.Name(r.kind).removeprefix('REPLICA_KIND_').lower()}"
+                f"@{r.address}"] = await _check(self.pool.get(r.address))
+        return out
+
+
+async def _check(channel: grpc.aio.Channel) -> str:
+    try:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=2
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    except grpc.RpcError as exc:
+        return f"UNREACHABLE ({exc.code().name})"

@@ -1,0 +1,22 @@
+"""Gateway configuration."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from fmapi_common.config import ServiceConfig
+
+
+class GatewayConfig(ServiceConfig):
+    """``port``/``port_file`` are the public gRPC API's; ``http_*`` the REST API's."""
+
+    model_config = SettingsConfigDict(env_prefix="FMAPI_GATEWAY_")
+
+    routing_addr: str
+    http_port: int = 0
+    http_port_file: str | None = None
+    # Largest request body accepted (the managed product's limit is 4 MB); larger gets 413.
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Seconds a backend call may take before the caller gets a 503/504-style error.
+    backend_timeout_s: float = Field(120.0, gt=0)

@@ -1,0 +1,63 @@
+"""The embeddings use case, shared by the REST and the public gRPC API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fmapi.embedding.v1 import embedding_pb2
+from fmapi.routing.v1 import routing_pb2
+from fmapi_common.errors import InvalidArgument
+
+from .backends import Backends
+from .tasks import require_task
+
+
+@dataclass
+class Embeddings:
+    endpoint: str
+    vectors: np.ndarray  # (n, d) float32
+    input_tokens: int
+
+
+async def embed(
+    backends: Backends,
+    endpoint_name: str,
+    inputs: list[str] | list[list[int]],
+    *,
+    dimensions: int | None = None,
+    instruction: str | None = None,
+) -> Embeddings:
+    res = await backends.resolve(endpoint_name)
+    ep = res.endpoint
+    require_task(ep, routing_pb2.TASK_EMBEDDINGS)
+    settings = ep.embedding
+    if dimensions is not None:
+        if not settings.supported_dimensions:
+            raise InvalidArgument(
+                f"endpoint '{ep.name}' does not support the 'dimensions' parameter; "
+                "omit it to get the model's full vectors",
+                param="dimensions",
+            )
+        if dimensions not in settings.supported_dimensions:
+            raise InvalidArgument(
+                f"dimensions must be one of {list(settings.supported_dimensions)} for endpoint "
+                f"'{ep.name}'",
+                param="dimensions",
+            )
+    req = embedding_pb2.EmbedRequest(
+        model=res.model,
+        normalize=settings.normalize,
+        instruction=settings.query_instruction if instruction is None else instruction,
+        truncate=settings.truncate,
+        dimensions=dimensions or 0,
+    )
+    for item in inputs:
+        if isinstance(item, str):
+            req.inputs.add(text=item)
+        else:
+            req.inputs.add(tokens=embedding_pb2.TokenIds(ids=item))
+    resp = await backends.embed(res.replica.address, req)
+    vectors = np.array([e.values for e in resp.embeddings], dtype=np.float32)
+    return Embeddings(ep.name, vectors, resp.input_tokens)

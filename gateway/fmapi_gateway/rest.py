@@ -1,0 +1,128 @@
+"""REST routes: OpenAI paths, Databricks-style paths and the control plane."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.routing import Route
+
+from fmapi.routing.v1 import routing_pb2
+from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
+
+from . import openai_embeddings
+from .backends import Backends
+from .config import GatewayConfig
+from .embeddings import embed
+from .http_common import JSON, RequestContextMiddleware, error_response, read_json
+from .views import databricks_endpoint, endpoint_ready, openai_model
+
+
+class Api:
+    def __init__(self, config: GatewayConfig, backends: Backends) -> None:
+        self.config = config
+        self.backends = backends
+
+    # ---------------------------------------------------------------- inference
+
+    async def embeddings(self, request: Request, endpoint: str | None = None) -> JSON:
+        body = await read_json(request, self.config.max_body_bytes)
+        req = openai_embeddings.parse_request(body, endpoint)
+        result = await embed(
+            self.backends,
+            req["endpoint"],
+            req["inputs"],
+            dimensions=req["dimensions"],
+            instruction=req["instruction"],
+        )
+        return JSON(openai_embeddings.render(result, req["encoding_format"]))
+
+    async def openai_embeddings(self, request: Request) -> JSON:
+        return await self.embeddings(request)
+
+    async def invocations(self, request: Request) -> JSON:
+        """Databricks' per-endpoint path: the endpoint's task decides the request shape."""
+        name = request.path_params["name"]
+        ep = await self.backends.get_endpoint(name)
+        if ep.task == routing_pb2.TASK_EMBEDDINGS:
+            return await self.embeddings(request, endpoint=name)
+        raise InvalidArgument(
+            f"endpoint '{name}' serves a task this gateway cannot invoke yet", param="name"
+        )
+
+    # ---------------------------------------------------------------- models / endpoints
+
+    async def list_models(self, request: Request) -> JSON:
+        eps = await self.backends.list_endpoints()
+        return JSON({"object": "list", "data": [openai_model(e) for e in eps if not e.retired]})
+
+    async def get_model(self, request: Request) -> JSON:
+        return JSON(openai_model(await self._endpoint(request.path_params["model"], "model")))
+
+    async def list_serving_endpoints(self, request: Request) -> JSON:
+        eps, live = await asyncio.gather(self.backends.list_endpoints(), self.backends.live_models())
+        return JSON({"endpoints": [databricks_endpoint(e, endpoint_ready(e, live)) for e in eps]})
+
+    async def get_serving_endpoint(self, request: Request) -> JSON:
+        ep, live = await asyncio.gather(
+            self._endpoint(request.path_params["name"], "name"), self.backends.live_models()
+        )
+        return JSON(databricks_endpoint(ep, endpoint_ready(ep, live)))
+
+    async def _endpoint(self, name: str, param: str) -> routing_pb2.Endpoint:
+        try:
+            return await self.backends.get_endpoint(name)
+        except NotFound as exc:
+            raise NotFound(exc.message, param=param, reason=exc.reason) from None
+
+    # ---------------------------------------------------------------- health
+
+    async def healthz(self, request: Request) -> JSON:
+        try:
+            services = await self.backends.health()
+        except FmapiError as exc:
+            services = {"routing": f"UNREACHABLE ({exc.message})"}
+        services["gateway"] = "SERVING"
+        eps = []
+        if services.get("routing") == "SERVING":
+            live = await self.backends.live_models()
+            eps = [e.name for e in await self.backends.list_endpoints()
+                   if not e.retired and not endpoint_ready(e, live)]
+        ok = all(v == "SERVING" for v in services.values()) and not eps
+        body = {"status": "ok" if ok else "unavailable", "services": services}
+        if eps:
+            body["endpoints_without_replicas"] = eps
+        return JSON(body, status_code=200 if ok else 503)
+
+
+def build_app(config: GatewayConfig, backends: Backends) -> RequestContextMiddleware:
+    api = Api(config, backends)
+    routes = [
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/v1/embeddings", api.openai_embeddings, methods=["POST"]),
+        Route("/v1/models", api.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.get_model, methods=["GET"]),
+        Route("/serving-endpoints/embeddings", api.openai_embeddings, methods=["POST"]),
+        Route("/serving-endpoints/{name}/invocations", api.invocations, methods=["POST"]),
+        Route("/api/2.0/serving-endpoints", api.list_serving_endpoints, methods=["GET"]),
+        Route("/api/2.0/serving-endpoints/{name}", api.get_serving_endpoint, methods=["GET"]),
+    ]
+
+    async def on_fmapi_error(request: Request, exc: FmapiError):
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 405:
+            err = InvalidArgument(f"method {request.method} is not allowed on {request.url.path}")
+            resp = error_response(err)
+            resp.status_code = 405
+            return resp
+        return error_response(NotFound(f"no route for {request.method} {request.url.path}"))
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={FmapiError: on_fmapi_error, HTTPException: on_http_error},
+    )
+    return RequestContextMiddleware(app)

@@ -1,0 +1,79 @@
+"""Runs the REST API (uvicorn) and the public gRPC API in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+
+import uvicorn
+
+from fmapi.inference.v1 import inference_pb2, inference_pb2_grpc
+from fmapi_common.server import start_grpc_service, write_port_file
+from fmapi_common.telemetry import setup_telemetry, shutdown_telemetry
+
+from .backends import Backends
+from .config import GatewayConfig
+from .grpc_api import InferenceServicer
+from .rest import build_app
+
+log = logging.getLogger(__name__)
+SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the gateway stops both servers together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def serve(config: GatewayConfig) -> None:
+    setup_telemetry("gateway")
+    backends = Backends(config.routing_addr, config.backend_timeout_s)
+
+    def register(server):
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(backends), server)
+        return [SERVICE]
+
+    grpc_svc = await start_grpc_service(config, register)
+
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.http_port))
+    http_port = sock.getsockname()[1]
+    http = _Server(
+        uvicorn.Config(
+            build_app(config, backends),
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            server_header=False,
+            log_level=config.log_level.lower(),
+            timeout_keep_alive=75,
+            timeout_graceful_shutdown=int(config.grace_seconds),
+        )
+    )
+    http_task = asyncio.create_task(http.serve(sockets=[sock]))
+    while not http.started and not http_task.done():
+        await asyncio.sleep(0.01)
+    if http_task.done():
+        raise SystemExit(f"gateway: HTTP server failed to start: {http_task.exception()}")
+    if config.http_port_file:
+        write_port_file(config.http_port_file, http_port)
+    log.info("REST API on %s:%d", config.host, http_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    http.should_exit = True
+    await asyncio.gather(grpc_svc.stop(), http_task, return_exceptions=True)
+    await backends.close()
+    shutdown_telemetry()
