@@ -1,0 +1,189 @@
+"""The whole fmapi system on one machine: Redis, the services, the gateway and Envoy.
+
+Used by ``fmapi dev up`` (``make run``) and by the end-to-end tests, so what the tests exercise is
+what a newcomer runs. Every service binds port 0 and reports its port through a file; Redis
+listens on a unix socket of its own; only Envoy's public port may be fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .supervisor import ChildFailed, Supervisor
+
+ROOT = Path(__file__).resolve().parents[2]
+ENVOY_TEMPLATE = ROOT / "infra" / "envoy" / "envoy.yaml.tmpl"
+DEFAULT_ENDPOINTS = ROOT / "infra" / "endpoints" / "dev.yaml"
+
+
+@dataclass
+class SystemOptions:
+    runtime_dir: Path
+    http_port: int = 8080
+    listen_host: str = "127.0.0.1"
+    endpoints_file: Path = DEFAULT_ENDPOINTS
+    # Extra environment for every child (e.g. OTEL_EXPORTER_OTLP_ENDPOINT in tests).
+    env: dict[str, str] = field(default_factory=dict)
+    embedding_env: dict[str, str] = field(default_factory=dict)
+    ready_timeout: float = 300.0
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"'{name}' not found: run `make install` first")
+    return found
+
+
+class System:
+    def __init__(self, opts: SystemOptions) -> None:
+        self.opts = opts
+        self.run_dir = Path(opts.runtime_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.sup = Supervisor(self.run_dir / "logs")
+        self.ports: dict[str, int] = {}
+        self.redis_url = ""
+        self.http_port = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _port_file(self, name: str) -> Path:
+        path = self.run_dir / f"{name}.port"
+        path.unlink(missing_ok=True)
+        return path
+
+    def _start_service(self, name: str, module: str, env: dict[str, str], timeout: float,
+                       extra_ports: tuple[str, ...] = ()) -> int:
+        prefix = f"FMAPI_{name.upper()}_"
+        pf = self._port_file(name)
+        files = {p: self._port_file(f"{name}-{p}") for p in extra_ports}
+        child_env = {
+            **self.opts.env,
+            "OTEL_SERVICE_NAME": name,
+            f"{prefix}PORT_FILE": str(pf),
+            **{f"{prefix}{p.upper()}_PORT_FILE": str(f) for p, f in files.items()},
+            **env,
+        }
+        child = self.sup.start(name, [sys.executable, "-m", module], child_env, cwd=str(ROOT))
+        port = int(self.sup.wait_for_file(child, pf, timeout))
+        self.ports[name] = port
+        for p, f in files.items():
+            self.ports[f"{name}-{p}"] = int(self.sup.wait_for_file(child, f, timeout))
+        return port
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        try:
+            self._start_all()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self) -> None:
+        sock = self.run_dir / "redis.sock"
+        sock.unlink(missing_ok=True)
+        redis = self.sup.start(
+            "redis",
+            ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.run_dir)],
+        )
+        self._wait_socket(redis, sock)
+        self.redis_url = f"unix://{sock}"
+
+        routing = self._start_service(
+            "routing", "fmapi_routing",
+            {"FMAPI_ROUTING_ENDPOINTS_FILE": str(self.opts.endpoints_file),
+             "FMAPI_ROUTING_REDIS_URL": self.redis_url},
+            timeout=30,
+        )
+        routing_addr = f"127.0.0.1:{routing}"
+        self._start_service(
+            "embedding", "fmapi_embedding",
+            {"FMAPI_EMBEDDING_ROUTING_ADDR": routing_addr, "HF_HUB_OFFLINE": "1",
+             **self.opts.embedding_env},
+            timeout=180,
+        )
+        self._start_service(
+            "gateway", "fmapi_gateway", {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr},
+            timeout=30, extra_ports=("http",),
+        )
+        self._start_envoy()
+        self.wait_healthy(self.opts.ready_timeout)
+
+    def _wait_socket(self, child, path: Path) -> None:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            if not child.alive() or time.monotonic() > deadline:
+                raise ChildFailed(f"redis-server did not start:\n{child.tail()}")
+            time.sleep(0.02)
+
+    def _start_envoy(self) -> None:
+        cfg = string.Template(ENVOY_TEMPLATE.read_text()).substitute(
+            LISTEN_HOST=self.opts.listen_host,
+            LISTEN_PORT=self.opts.http_port,
+            GATEWAY_HTTP_PORT=self.ports["gateway-http"],
+            GATEWAY_GRPC_PORT=self.ports["gateway"],
+            ACCESS_LOG=str(self.run_dir / "logs" / "envoy-access.log"),
+        )
+        cfg_path = self.run_dir / "envoy.yaml"
+        cfg_path.write_text(cfg)
+        admin_file = self._port_file("envoy-admin")
+        envoy = self.sup.start(
+            "envoy",
+            [_bin("envoy"), "-c", str(cfg_path), "--admin-address-path", str(admin_file),
+             "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"],
+        )
+        admin = self.sup.wait_for_file(envoy, admin_file, 30)
+        self.envoy_admin = f"http://{admin}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.envoy_admin}/listeners?format=json", timeout=2) as r:
+                    listeners = json.load(r)["listener_statuses"]
+                port = listeners[0]["local_address"]["socket_address"]["port_value"]
+                if port:
+                    self.http_port = int(port)
+                    return
+            except (urllib.error.URLError, KeyError, IndexError, ConnectionError):
+                pass
+            if not envoy.alive() or time.monotonic() > deadline:
+                raise ChildFailed(f"envoy did not start listening:\n{envoy.tail()}")
+            time.sleep(0.1)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Until ``GET /healthz`` through Envoy answers 200 (every service SERVING)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            failed = self.sup.check()
+            if failed:
+                raise ChildFailed(f"{failed.name} exited with {failed.proc.returncode}:\n{failed.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                last = exc.read().decode(errors="replace")
+            except (urllib.error.URLError, ConnectionError) as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise ChildFailed(f"system not healthy after {timeout:.0f}s: {last}")
+
+    def stop(self) -> None:
+        self.sup.stop()
