@@ -37,6 +37,9 @@ $(VENV)/.deps: $(VENV)/.tools $(GEN)/.stamp pyproject.toml $(CONSTRAINTS)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[$(EXTRA),dev]'
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	# xds-protos ships an old copy of OpenTelemetry's protos over opentelemetry-proto's: put the
+	# real ones back, or the OTLP exporter fails to import.
+	$(PIP) --force-reinstall --no-deps opentelemetry-proto
 	touch $@
 
 install: $(VENV)/.deps ## create .venv with every dependency and the generated code
