@@ -1,0 +1,140 @@
+"""The dynamic batcher: merging, ordering, isolation of failures, cancellation, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fmapi_embedding.batcher import DynamicBatcher
+
+
+class Recorder:
+    """A batch function that records the batches it saw and can be told to fail or stall."""
+
+    def __init__(self, delay: float = 0.0, poison: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.delay = delay
+        self.poison = poison
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[str]) -> list[str]:
+        self.gate.wait(5)
+        self.batches.append(list(items))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.poison and self.poison in items:
+            raise ValueError(f"cannot process {self.poison}")
+        return [f"out:{x}" for x in items]
+
+
+@pytest.fixture
+def executor():
+    ex = ThreadPoolExecutor(max_workers=1)
+    yield ex
+    ex.shutdown(wait=False)
+
+
+async def test_concurrent_requests_are_merged_and_each_gets_its_own_results(executor):
+    rec = Recorder()
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=64, max_batch_tokens=10_000, max_wait=0.05)
+    reqs = [[f"r{i}-a", f"r{i}-b"] for i in range(10)]
+    results = await asyncio.gather(*(b.submit(r, tokens=2) for r in reqs))
+    for req, res in zip(reqs, results):
+        assert res == [f"out:{x}" for x in req]
+    assert len(rec.batches) < 10  # merged, not one batch per request
+    await b.close()
+
+
+async def test_a_request_is_never_split_across_batches(executor):
+    rec = Recorder()
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=4, max_batch_tokens=10_000, max_wait=0.05)
+    reqs = [[f"r{i}-{j}" for j in range(3)] for i in range(5)]
+    results = await asyncio.gather(*(b.submit(r, tokens=3) for r in reqs))
+    assert results == [[f"out:{x}" for x in r] for r in reqs]
+    for batch in rec.batches:
+        assert len(batch) <= 4
+        owners = [x.split("-")[0] for x in batch]
+        for owner in set(owners):  # all three items of a request travel together
+            assert owners.count(owner) == 3
+    await b.close()
+
+
+async def test_oversized_request_runs_alone(executor):
+    rec = Recorder()
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=2, max_batch_tokens=10_000, max_wait=0.01)
+    big = [f"x{i}" for i in range(5)]
+    assert await b.submit(big, tokens=5) == [f"out:{x}" for x in big]
+    assert rec.batches == [big]
+    await b.close()
+
+
+async def test_token_budget_bounds_a_batch(executor):
+    rec = Recorder()
+    rec.gate.clear()  # hold the first batch so the rest queue up together
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=100, max_batch_tokens=100, max_wait=0.0)
+    first = asyncio.create_task(b.submit(["first"], tokens=1))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.create_task(b.submit([f"t{i}"], tokens=40)) for i in range(5)]
+    await asyncio.sleep(0.05)
+    rec.gate.set()
+    await asyncio.gather(first, *rest)
+    later = rec.batches[1:]
+    assert sum(len(x) for x in later) == 5
+    assert all(len(batch) * 40 <= 100 for batch in later)  # at most two 40-token requests
+    assert max(len(batch) for batch in later) == 2
+    await b.close()
+
+
+async def test_a_failing_request_does_not_fail_its_batch_mates(executor):
+    rec = Recorder(poison="bad")
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=64, max_batch_tokens=10_000, max_wait=0.05)
+    good1 = b.submit(["g1"], tokens=1)
+    bad = b.submit(["bad"], tokens=1)
+    good2 = b.submit(["g2", "g3"], tokens=2)
+    r1, rbad, r2 = await asyncio.gather(good1, bad, good2, return_exceptions=True)
+    assert r1 == ["out:g1"]
+    assert r2 == ["out:g2", "out:g3"]
+    assert isinstance(rbad, ValueError) and "bad" in str(rbad)
+    assert ["g1", "bad", "g2", "g3"] in rec.batches  # they really were batched together first
+    # and the batcher keeps serving
+    assert await b.submit(["after"], tokens=1) == ["out:after"]
+    await b.close()
+
+
+async def test_cancelled_request_leaves_the_queue_and_others_complete(executor):
+    rec = Recorder()
+    rec.gate.clear()
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=1, max_batch_tokens=10_000, max_wait=0.0)
+    running = asyncio.create_task(b.submit(["running"], tokens=1))
+    await asyncio.sleep(0.05)
+    doomed = asyncio.create_task(b.submit(["doomed"], tokens=1))
+    survivor = asyncio.create_task(b.submit(["survivor"], tokens=1))
+    await asyncio.sleep(0.05)
+    doomed.cancel()
+    rec.gate.set()
+    assert await running == ["out:running"]
+    assert await survivor == ["out:survivor"]
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert ["doomed"] not in rec.batches  # never computed
+    assert b.inflight == 0
+    await b.close()
+
+
+async def test_lone_request_waits_at_most_max_wait(executor):
+    rec = Recorder()
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=64, max_batch_tokens=10_000, max_wait=0.02)
+    t0 = time.monotonic()
+    assert await b.submit(["alone"], tokens=1) == ["out:alone"]
+    assert time.monotonic() - t0 < 1.0
+    await b.close()
+
+
+def test_bounds_are_validated():
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda x: x, executor=None, max_batch_size=0)

@@ -1,0 +1,71 @@
+"""The error map: domain error -> gRPC status (with details) -> domain error -> HTTP."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from fmapi_common import errors as e
+
+
+class FakeCall(grpc.RpcError):
+    """What a failed call looks like to the client: code, details and trailing metadata."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        self._status = status
+
+    def code(self):
+        return self._status.code
+
+    def details(self):
+        return self._status.details
+
+    def trailing_metadata(self):
+        return self._status.trailing_metadata
+
+
+@pytest.mark.parametrize(
+    "err, http_status, etype, db_code",
+    [
+        (e.InvalidArgument("bad temperature", param="temperature"), 400, "invalid_request_error", "INVALID_PARAMETER_VALUE"),
+        (e.NotFound("no endpoint x", param="model"), 404, "invalid_request_error", "RESOURCE_DOES_NOT_EXIST"),
+        (e.Unauthenticated("no token"), 401, "authentication_error", "UNAUTHENTICATED"),
+        (e.PermissionDenied("not yours"), 403, "permission_error", "PERMISSION_DENIED"),
+        (e.ResourceExhausted("slow down", retry_after=2.5), 429, "rate_limit_error", "REQUEST_LIMIT_EXCEEDED"),
+        (e.Unavailable("no replica", retry_after=1), 503, "server_error", "TEMPORARILY_UNAVAILABLE"),
+        (e.FailedPrecondition("retired; use y", param="model"), 400, "invalid_request_error", "INVALID_STATE"),
+    ],
+)
+def test_round_trip_keeps_message_param_and_retry(err, http_status, etype, db_code):
+    back = e.from_rpc_error(FakeCall(e.to_rpc_status(err)))
+    assert type(back) is type(err)
+    assert back.message == err.message
+    assert back.param == err.param
+    assert back.reason == err.reason
+    assert back.retry_after == err.retry_after
+    http = e.to_http(back)
+    assert http.status == http_status
+    assert http.body["error"] == {"message": err.message, "type": etype, "param": err.param, "code": err.reason}
+    assert http.body["error_code"] == db_code
+    if http_status in (429, 503):
+        assert int(http.headers["retry-after"]) >= 1
+        assert int(http.headers["retry-after-ms"]) == int((err.retry_after or 1) * 1000)
+    else:
+        assert "retry-after" not in http.headers
+
+
+def _plain(code: grpc.StatusCode, details: str) -> FakeCall:
+    """A failure with no rich details, as a dead or foreign server produces."""
+    return FakeCall(type("S", (), {"code": code, "details": details, "trailing_metadata": ()})())
+
+
+def test_plain_unavailable_from_a_dead_backend_is_503_with_retry_after():
+    err = e.from_rpc_error(_plain(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    assert isinstance(err, e.Unavailable)
+    assert "unavailable" in err.message
+    http = e.to_http(err)
+    assert http.status == 503 and http.headers["retry-after"] == "1"
+
+
+def test_unknown_codes_become_internal():
+    assert e.to_http(e.from_rpc_error(_plain(grpc.StatusCode.DATA_LOSS, "x"))).status == 500
