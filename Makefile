@@ -14,6 +14,13 @@ PIP := $(BIN)/pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
+# redis-server is the one system package: Debian's, installed when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -U pip wheel
@@ -42,12 +49,12 @@ $(VENV)/.deps: $(VENV)/.tools $(GEN)/.stamp pyproject.toml $(CONSTRAINTS)
 	$(PIP) --force-reinstall --no-deps opentelemetry-proto
 	touch $@
 
-install: $(VENV)/.deps ## create .venv with every dependency and the generated code
+install: system-deps $(VENV)/.deps ## create .venv with every dependency and the generated code
 
 lint: install ## buf lint (STANDARD) on the protos
 	$(BIN)/buf lint protos
 
-run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:$${FMAPI_HTTP_PORT:-8080})
+run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:8080; FMAPI_HTTP_PORT overrides)
 	$(BIN)/fmapi dev up
 
 test: install lint ## install everything and run the whole test suite
@@ -59,4 +66,4 @@ bench: install ## run the benchmarks (prints ratios)
 clean: ## remove generated code and runtime files (keeps .venv)
 	rm -rf $(GEN) .fmapi/run
 
-.PHONY: help gen install lint run test bench clean
+.PHONY: help system-deps gen install lint run test bench clean

