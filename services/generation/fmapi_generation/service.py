@@ -1,0 +1,104 @@
+"""The generation use case: validate, render, tokenize, run on the engine, read tool calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fmapi_common.errors import InvalidArgument
+
+from . import tools as toolcalls
+from .chat import PromptRenderer
+from .domain import ChoiceStep, FinishReason, GenerateInput, Step, TokenLogprob, Usage
+from .engine import Engine
+from .validation import Limits, Plan, ToolMode, resolve_max_tokens, validate
+
+log = logging.getLogger(__name__)
+
+
+class _Buffered:
+    """Output of one choice held back until it ends (tool-call choices)."""
+
+    __slots__ = ("text", "logprobs")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.logprobs: list[TokenLogprob] = []
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, limits: Limits, chat_template: str | None = None) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.renderer = PromptRenderer(engine.tokenizer, chat_template, model=engine.model)
+        self.inflight = 0
+
+    def prepare(self, plan: Plan) -> tuple[list[int], str]:
+        """Prompt token ids and prompt text (CPU work: run off the event loop)."""
+        if plan.messages is not None:
+            text = self.renderer.render_chat(
+                plan.messages, plan.template_tools(), plan.chat_template
+            )
+        else:
+            text = plan.prompt or ""
+        ids = self.renderer.encode(text)
+        if not ids:
+            raise InvalidArgument(f"the {plan.input_param} is empty", param=plan.input_param)
+        return ids, text
+
+    async def generate(self, req: GenerateInput) -> AsyncIterator[Step]:
+        plan = validate(req, self.limits)
+        prompt_ids, prompt_text = await asyncio.to_thread(self.prepare, plan)
+        max_tokens = resolve_max_tokens(
+            len(prompt_ids), plan.max_tokens, self.engine.max_model_len, plan.input_param
+        )
+        sampling = replace(plan.sampling, max_tokens=max_tokens)
+        if plan.forced_tool:
+            sampling.json_schema = toolcalls.forced_schema(plan.tools, plan.tool_name)
+        request_id = f"{req.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
+
+        self.inflight += 1
+        try:
+            if plan.echo:
+                yield Step([ChoiceStep(index=i, text=prompt_text) for i in range(sampling.n)])
+            buffered = plan.tool_mode in (ToolMode.REQUIRED, ToolMode.NAMED, ToolMode.AUTO)
+            held: dict[int, _Buffered] = {}
+            completion_tokens = 0
+            async for choices in self.engine.generate(
+                prompt_ids, sampling, request_id, raw=plan.tool_mode == ToolMode.AUTO
+            ):
+                completion_tokens += sum(c.num_tokens for c in choices)
+                if not buffered:
+                    yield Step(choices)
+                    continue
+                done = []
+                for c in choices:
+                    h = held.setdefault(c.index, _Buffered())
+                    h.text += c.text
+                    h.logprobs += c.logprobs
+                    if c.finish_reason is not None:
+                        done.append(self._finish_tool_choice(plan, c, held.pop(c.index)))
+                if done:
+                    yield Step(done)
+            yield Step([], usage=Usage(len(prompt_ids), completion_tokens))
+        finally:
+            self.inflight -= 1
+
+    def _finish_tool_choice(self, plan: Plan, last: ChoiceStep, h: _Buffered) -> ChoiceStep:
+        step = ChoiceStep(index=last.index, logprobs=h.logprobs, finish_reason=last.finish_reason)
+        if plan.tool_mode == ToolMode.AUTO:
+            parser = self.engine.tool_parser()
+            content, calls = toolcalls.parse_auto(parser, h.text, plan.template_tools() or [])
+        else:
+            content, calls = None, toolcalls.parse_forced(h.text, plan.tools, plan.tool_name)
+            if calls is None:
+                # Cut short (max_tokens): no complete call; hand back what was generated.
+                content = h.text
+        if calls:
+            step.tool_calls = calls
+            step.finish_reason = FinishReason.TOOL_CALLS
+        step.text = content or ""
+        return step

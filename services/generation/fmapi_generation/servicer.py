@@ -1,0 +1,126 @@
+"""gRPC servicer: proto <-> domain, nothing else."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from fmapi.generation.v1 import generation_pb2 as pb
+from fmapi.generation.v1 import generation_pb2_grpc
+
+from .domain import (
+    ChoiceStep,
+    FinishReason,
+    GenerateInput,
+    Message,
+    ResponseFormat,
+    Sampling,
+    Step,
+)
+from .service import GenerationService
+
+_FORMAT = {
+    pb.RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormat.TEXT,
+    pb.RESPONSE_FORMAT_TYPE_TEXT: ResponseFormat.TEXT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormat.JSON_OBJECT,
+    pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormat.JSON_SCHEMA,
+}
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+def _opt(msg, name: str):
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+def request_from_proto(req: pb.GenerateRequest) -> GenerateInput:
+    s = req.sampling
+    sampling = Sampling(
+        max_tokens=_opt(s, "max_tokens"),
+        temperature=_opt(s, "temperature"),
+        top_p=_opt(s, "top_p"),
+        top_k=_opt(s, "top_k"),
+        stop=list(s.stop),
+        n=_opt(s, "n"),
+        seed=_opt(s, "seed"),
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
+        response_format=_FORMAT.get(s.response_format, ResponseFormat.TEXT),
+        json_schema=s.json_schema,
+    )
+    inp = GenerateInput(request_id=req.request_id, sampling=sampling, echo=req.echo)
+    which = req.WhichOneof("input")
+    if which == "prompt":
+        inp.prompt = req.prompt
+    elif which == "chat":
+        c = req.chat
+        inp.messages = [
+            Message(
+                role=m.role,
+                content=m.content,
+                name=m.name,
+                tool_call_id=m.tool_call_id,
+                tool_calls_json=m.tool_calls_json,
+            )
+            for m in c.messages
+        ]
+        inp.chat_template = c.chat_template
+        inp.tools_json = c.tools_json
+        inp.tool_choice = c.tool_choice
+    return inp
+
+
+def _logprob(v: float) -> float:
+    # -inf does not survive JSON downstream; clamp like OpenAI does (-9999).
+    return v if math.isfinite(v) else -9999.0
+
+
+def choice_to_proto(c: ChoiceStep) -> pb.ChoiceDelta:
+    return pb.ChoiceDelta(
+        index=c.index,
+        text=c.text,
+        logprobs=[
+            pb.TokenLogprob(
+                token=lp.token,
+                logprob=_logprob(lp.logprob),
+                top_logprobs=[pb.TopLogprob(token=t.token, logprob=_logprob(t.logprob)) for t in lp.top],
+            )
+            for lp in c.logprobs
+        ],
+        finish_reason=_FINISH.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+        if c.finish_reason
+        else pb.FINISH_REASON_UNSPECIFIED,
+        tool_calls_json=json.dumps(c.tool_calls) if c.tool_calls else "",
+    )
+
+
+def step_to_proto(step: Step) -> pb.GenerateResponse:
+    resp = pb.GenerateResponse(choices=[choice_to_proto(c) for c in step.choices])
+    if step.usage is not None:
+        resp.usage.prompt_tokens = step.usage.prompt_tokens
+        resp.usage.completion_tokens = step.usage.completion_tokens
+    return resp
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, service: GenerationService) -> None:
+        self.service = service
+
+    async def Generate(self, request, context):
+        async for step in self.service.generate(request_from_proto(request)):
+            yield step_to_proto(step)
+
+    async def GetModelInfo(self, request, context):
+        engine = self.service.engine
+        return pb.GetModelInfoResponse(
+            model=engine.model,
+            max_model_len=engine.max_model_len,
+            running_requests=engine.running_requests(),
+            supports_auto_tool_choice=self.service.limits.auto_tools,
+        )
