@@ -80,3 +80,11 @@ async def _check(channel: grpc.aio.Channel) -> str:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     except grpc.RpcError as exc:
         return f"UNREACHABLE ({exc.code().name})"
+
+
+def open_generation(backends: Backends, address: str, request):
+    """Start a Generate stream on a replica; the caller iterates it and cancels it when done."""
+    from fmapi.generation.v1 import generation_pb2_grpc
+
+    stub = generation_pb2_grpc.GenerationServiceStub(backends.pool.get(address))
+    return stub.Generate(request, timeout=backends.timeout)

@@ -8,8 +8,12 @@ from fmapi.inference.v1 import inference_pb2 as pb
 from fmapi.inference.v1 import inference_pb2_grpc
 from fmapi_common.errors import InvalidArgument
 
+from fmapi.generation.v1 import generation_pb2 as gen_pb
+
+from . import generation
 from .backends import Backends
 from .embeddings import embed
+from .openai_generation import FINISH, GenerationCall
 from .tasks import TASK_NAMES
 from .views import endpoint_ready
 
@@ -37,6 +41,41 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             model=result.endpoint,
         )
 
+    async def Chat(self, request: pb.ChatRequest, context):
+        if not request.messages:
+            raise InvalidArgument("'messages' must not be empty", param="messages")
+        chat = gen_pb.Chat(
+            messages=[gen_pb.ChatMessage(role=m.role, content=m.content) for m in request.messages]
+        )
+        req = gen_pb.GenerateRequest(chat=chat, sampling=_sampling(request.sampling))
+        async for resp in self._generate(request.endpoint, req, chat=True, cls=pb.ChatResponse):
+            yield resp
+
+    async def Complete(self, request: pb.CompleteRequest, context):
+        req = gen_pb.GenerateRequest(prompt=request.prompt, sampling=_sampling(request.sampling))
+        async for resp in self._generate(request.endpoint, req, chat=False, cls=pb.CompleteResponse):
+            yield resp
+
+    async def _generate(self, endpoint: str, req, *, chat: bool, cls):
+        if not endpoint:
+            raise InvalidArgument("'endpoint' is required", param="endpoint")
+        s = req.sampling
+        call = GenerationCall(
+            endpoint=endpoint, requests=[req], stream=True, include_usage=True,
+            n=s.n if s.HasField("n") else 1, logprobs=False, chat=chat,
+            max_tokens_given=s.HasField("max_tokens"),
+        )
+        run = await generation.start(self._backends, call)
+        try:
+            async for ev in run.events():
+                d = ev.delta
+                yield cls(id=run.id, deltas=[pb.Delta(index=ev.index, text=d.text,
+                                                      finish_reason=FINISH.get(d.finish_reason, ""))])
+            p, c = run.prompt_tokens, run.completion_tokens
+            yield cls(id=run.id, usage=pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c))
+        finally:
+            run.close()
+
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         eps, live = await asyncio.gather(
             self._backends.list_endpoints(), self._backends.live_models()
@@ -48,3 +87,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if not e.retired
             ]
         )
+
+
+def _sampling(s: pb.Sampling) -> gen_pb.SamplingParams:
+    out = gen_pb.SamplingParams(
+        stop=list(s.stop), presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty
+    )
+    if s.max_tokens:
+        out.max_tokens = s.max_tokens
+    if s.n:
+        out.n = s.n
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if s.HasField(name):
+            setattr(out, name, getattr(s, name))
+    return out

@@ -7,12 +7,13 @@ import asyncio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from fmapi.routing.v1 import routing_pb2
 from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
 
-from . import openai_embeddings
+from . import generation, generation_views, openai_embeddings, openai_generation
 from .backends import Backends
 from .config import GatewayConfig
 from .embeddings import embed
@@ -42,15 +43,35 @@ class Api:
     async def openai_embeddings(self, request: Request) -> JSON:
         return await self.embeddings(request)
 
-    async def invocations(self, request: Request) -> JSON:
+    async def generate(self, request: Request, chat: bool, endpoint: str | None = None):
+        body = await read_json(request, self.config.max_body_bytes)
+        parse = openai_generation.parse_chat if chat else openai_generation.parse_completion
+        call = parse(body, endpoint)
+        # Everything that can refuse the request happens here, before any byte is sent.
+        run = await generation.start(self.backends, call)
+        if call.stream:
+            return StreamingResponse(
+                generation_views.stream(run),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        return JSON(await generation_views.collect(run))
+
+    async def chat_completions(self, request: Request):
+        return await self.generate(request, chat=True)
+
+    async def completions(self, request: Request):
+        return await self.generate(request, chat=False)
+
+    async def invocations(self, request: Request):
         """Databricks' per-endpoint path: the endpoint's task decides the request shape."""
         name = request.path_params["name"]
-        ep = await self.backends.get_endpoint(name)
+        ep = await self._endpoint(name, "name")
         if ep.task == routing_pb2.TASK_EMBEDDINGS:
             return await self.embeddings(request, endpoint=name)
-        raise InvalidArgument(
-            f"endpoint '{name}' serves a task this gateway cannot invoke yet", param="name"
-        )
+        if ep.task in (routing_pb2.TASK_CHAT, routing_pb2.TASK_COMPLETIONS):
+            return await self.generate(request, chat=ep.task == routing_pb2.TASK_CHAT, endpoint=name)
+        raise InvalidArgument(f"endpoint '{name}' has no task this gateway can invoke", param="name")
 
     # ---------------------------------------------------------------- models / endpoints
 
@@ -102,9 +123,13 @@ def build_app(config: GatewayConfig, backends: Backends) -> RequestContextMiddle
     routes = [
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/v1/embeddings", api.openai_embeddings, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/models", api.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", api.get_model, methods=["GET"]),
         Route("/serving-endpoints/embeddings", api.openai_embeddings, methods=["POST"]),
+        Route("/serving-endpoints/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/serving-endpoints/completions", api.completions, methods=["POST"]),
         Route("/serving-endpoints/{name}/invocations", api.invocations, methods=["POST"]),
         Route("/api/2.0/serving-endpoints", api.list_serving_endpoints, methods=["GET"]),
         Route("/api/2.0/serving-endpoints/{name}", api.get_serving_endpoint, methods=["GET"]),

@@ -1,0 +1,124 @@
+"""The chat/completions use case, shared by the REST and the public gRPC API.
+
+:func:`start` resolves the endpoint and opens one generation stream per prompt, and reads each
+stream's first message before returning, so that every refusal (unknown endpoint, bad
+parameter, prompt too long, no replica) is raised before a response starts. After that,
+:meth:`Run.events` yields the deltas; closing the run cancels the streams, which aborts the
+engine requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from fmapi.generation.v1 import generation_pb2 as pb
+from fmapi.routing.v1 import routing_pb2
+from fmapi_common.errors import from_rpc_error
+
+from .backends import Backends, open_generation
+from .openai_generation import GenerationCall
+from .tasks import require_task
+
+
+@dataclass
+class Event:
+    index: int  # choice index across prompts: prompt_index * n + choice index
+    delta: pb.ChoiceDelta
+
+
+class Run:
+    def __init__(self, call: GenerationCall, endpoint: str, streams, firsts) -> None:
+        self.call = call
+        self.endpoint = endpoint
+        self.id = uuid.uuid4().hex
+        self.created = int(time.time())
+        self._streams = streams
+        self._firsts = firsts
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def _absorb(self, k: int, msg: pb.GenerateResponse) -> list[Event]:
+        if msg.HasField("usage"):
+            self.prompt_tokens += msg.usage.prompt_tokens
+            self.completion_tokens += msg.usage.completion_tokens
+        return [Event(k * self.call.n + d.index, d) for d in msg.choices]
+
+    async def _one(self, k: int) -> AsyncIterator[list[Event]]:
+        first = self._firsts[k]
+        if first is None:  # the stream ended before its first message
+            return
+        yield self._absorb(k, first)
+        stream = self._streams[k]
+        try:
+            while (msg := await stream.read()) is not grpc.aio.EOF:
+                yield self._absorb(k, msg)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def events(self) -> AsyncIterator[Event]:
+        if len(self._streams) == 1:
+            async for batch in self._one(0):
+                for ev in batch:
+                    yield ev
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(k):
+            try:
+                async for batch in self._one(k):
+                    await queue.put(batch)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
+                await queue.put(exc)
+            finally:
+                await queue.put(done)
+
+        tasks = [asyncio.create_task(pump(k)) for k in range(len(self._streams))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    for ev in item:
+                        yield ev
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def close(self) -> None:
+        for s in self._streams:
+            s.cancel()
+
+
+async def start(backends: Backends, call: GenerationCall) -> Run:
+    res = await backends.resolve(call.endpoint)
+    require_task(res.endpoint, routing_pb2.TASK_CHAT, routing_pb2.TASK_COMPLETIONS)
+    default_max = res.endpoint.limits.default_max_tokens
+    rid = uuid.uuid4().hex
+    streams = []
+    for k, req in enumerate(call.requests):
+        if not call.max_tokens_given and default_max > 0:
+            req.sampling.max_tokens = default_max
+        req.request_id = f"{rid}-{k}"
+        streams.append(open_generation(backends, res.replica.address, req))
+    run = Run(call, res.endpoint.name, streams, [None] * len(streams))
+    try:
+        firsts = await asyncio.gather(*(s.read() for s in streams))
+    except grpc.RpcError as exc:
+        run.close()
+        raise from_rpc_error(exc) from None
+    except BaseException:
+        run.close()
+        raise
+    run._firsts = [None if f is grpc.aio.EOF else f for f in firsts]
+    return run
