@@ -50,6 +50,13 @@ def _corpus() -> list[str]:
     return lines
 
 
+def build_tiny_tokenizer(path: str | os.PathLike):
+    """Only the tokenizer (with its chat template) in ``path``; returns the loaded tokenizer."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return _build_tokenizer(path)
+
+
 def _build_tokenizer(path: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
