@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from fmapi_cli.system import System, SystemOptions
+from fmapi_cli.system import GenerationSpec, System, SystemOptions
 from helpers.otlp import OtlpCollector
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The e2e system: the dev embeddings endpoint plus chat/completions endpoints on a tiny model.
+E2E_ENDPOINTS = """
+endpoints:
+  - name: all-minilm-l6-v2
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    embedding: {normalize: true, truncate: true}
+  - name: tiny-chat
+    task: llm/v1/chat
+    served_entities: [{model: tiny}]
+    limits: {default_max_tokens: 16}
+  - name: tiny-completions
+    task: llm/v1/completions
+    served_entities: [{model: tiny}]
+  - name: tiny-chat-old
+    task: llm/v1/chat
+    served_entities: [{model: tiny}]
+    retired: true
+    replacement: tiny-chat
+"""
+
+# Settings that make a tiny model start fast and decode predictably on 2 CPU cores.
+TINY_ENGINE_ENV = {
+    "FMAPI_GENERATION_MAX_MODEL_LEN": "256",
+    "FMAPI_GENERATION_CPU_KVCACHE_SPACE_GIB": "1",
+    "FMAPI_GENERATION_ENFORCE_EAGER": "true",
+}
 
 
 @pytest.fixture(scope="session")
@@ -20,12 +49,25 @@ def otlp():
 
 
 @pytest.fixture(scope="session")
-def system(tmp_path_factory, otlp):
-    """Redis, routing, embedding, gateway and Envoy, on free ports, exporting spans to ``otlp``."""
+def tiny_model(tmp_path_factory) -> Path:
+    from helpers.tiny_llm import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llm") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def system(tmp_path_factory, otlp, tiny_model):
+    """Redis, routing, embedding, generation (tiny model), gateway and Envoy on free ports,
+    exporting spans to ``otlp``."""
+    run_dir = tmp_path_factory.mktemp("fmapi")
+    endpoints = run_dir / "endpoints.yaml"
+    endpoints.write_text(E2E_ENDPOINTS)
     sys_ = System(
         SystemOptions(
-            runtime_dir=tmp_path_factory.mktemp("fmapi"),
+            runtime_dir=run_dir,
             http_port=0,
+            endpoints_file=endpoints,
+            generation=[GenerationSpec("tiny", tiny_model, TINY_ENGINE_ENV)],
             env={
                 "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
                 "OTEL_EXPORTER_OTLP_INSECURE": "true",

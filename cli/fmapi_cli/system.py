@@ -8,6 +8,7 @@ listens on a unix socket of its own; only Envoy's public port may be fixed.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import string
 import sys
@@ -25,6 +26,15 @@ DEFAULT_ENDPOINTS = ROOT / "infra" / "endpoints" / "dev.yaml"
 
 
 @dataclass
+class GenerationSpec:
+    """One generation service: the model directory and the name endpoints know it by."""
+
+    model: str
+    path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class SystemOptions:
     runtime_dir: Path
     http_port: int = 8080
@@ -33,6 +43,13 @@ class SystemOptions:
     # Extra environment for every child (e.g. OTEL_EXPORTER_OTLP_ENDPOINT in tests).
     env: dict[str, str] = field(default_factory=dict)
     embedding_env: dict[str, str] = field(default_factory=dict)
+    generation: list[GenerationSpec] = field(default_factory=list)
+    # Where auth writes the admin token it creates on first start (default: in runtime_dir).
+    admin_token_file: Path | None = None
+    # Benchmarks only: Envoy without the external-authorization check.
+    ext_authz: bool = True
+    # Keep Redis' data (tokens) across restarts in this directory; None = in memory only.
+    redis_data_dir: Path | None = None
     ready_timeout: float = 300.0
 
 
@@ -63,24 +80,26 @@ class System:
         path.unlink(missing_ok=True)
         return path
 
-    def _start_service(self, name: str, module: str, env: dict[str, str], timeout: float,
-                       extra_ports: tuple[str, ...] = ()) -> int:
-        prefix = f"FMAPI_{name.upper()}_"
+    def _spawn(self, name: str, module: str, prefix: str, env: dict[str, str],
+               extra_ports: tuple[str, ...] = ()):
+        """Start a service; returns a function that waits for its port(s)."""
         pf = self._port_file(name)
         files = {p: self._port_file(f"{name}-{p}") for p in extra_ports}
         child_env = {
             **self.opts.env,
-            "OTEL_SERVICE_NAME": name,
             f"{prefix}PORT_FILE": str(pf),
             **{f"{prefix}{p.upper()}_PORT_FILE": str(f) for p, f in files.items()},
             **env,
         }
         child = self.sup.start(name, [sys.executable, "-m", module], child_env, cwd=str(ROOT))
-        port = int(self.sup.wait_for_file(child, pf, timeout))
-        self.ports[name] = port
-        for p, f in files.items():
-            self.ports[f"{name}-{p}"] = int(self.sup.wait_for_file(child, f, timeout))
-        return port
+
+        def wait(timeout: float) -> int:
+            self.ports[name] = int(self.sup.wait_for_file(child, pf, timeout))
+            for p, f in files.items():
+                self.ports[f"{name}-{p}"] = int(self.sup.wait_for_file(child, f, timeout))
+            return self.ports[name]
+
+        return wait
 
     # ------------------------------------------------------------------ start
 
@@ -94,31 +113,57 @@ class System:
     def _start_all(self) -> None:
         sock = self.run_dir / "redis.sock"
         sock.unlink(missing_ok=True)
+        if self.opts.redis_data_dir:
+            data = Path(self.opts.redis_data_dir)
+            data.mkdir(parents=True, exist_ok=True)
+            persistence = ["--appendonly", "yes", "--save", "", "--dir", str(data)]
+        else:
+            persistence = ["--appendonly", "no", "--save", "", "--dir", str(self.run_dir)]
         redis = self.sup.start(
             "redis",
             ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.run_dir)],
+             *persistence],
         )
         self._wait_socket(redis, sock)
         self.redis_url = f"unix://{sock}"
+        # The key auth signs identities with and the gateway verifies them with; new each start.
+        self.identity_key = secrets.token_hex(32)
+        self.admin_token_file = Path(self.opts.admin_token_file or self.run_dir / "admin-token")
 
-        routing = self._start_service(
-            "routing", "fmapi_routing",
+        wait_auth = self._spawn(
+            "auth", "fmapi_auth", "FMAPI_AUTH_",
+            {"FMAPI_AUTH_REDIS_URL": self.redis_url, "FMAPI_AUTH_IDENTITY_KEY": self.identity_key,
+             "FMAPI_AUTH_BOOTSTRAP_ADMIN_TOKEN_FILE": str(self.admin_token_file)},
+        )
+
+        routing = self._spawn(
+            "routing", "fmapi_routing", "FMAPI_ROUTING_",
             {"FMAPI_ROUTING_ENDPOINTS_FILE": str(self.opts.endpoints_file),
              "FMAPI_ROUTING_REDIS_URL": self.redis_url},
-            timeout=30,
-        )
+        )(30)
         routing_addr = f"127.0.0.1:{routing}"
-        self._start_service(
-            "embedding", "fmapi_embedding",
+        auth_addr = f"127.0.0.1:{wait_auth(30)}"
+        # Model servers load in parallel; each registers with routing once it is ready.
+        waits = [self._spawn(
+            "embedding", "fmapi_embedding", "FMAPI_EMBEDDING_",
             {"FMAPI_EMBEDDING_ROUTING_ADDR": routing_addr, "HF_HUB_OFFLINE": "1",
              **self.opts.embedding_env},
-            timeout=180,
-        )
-        self._start_service(
-            "gateway", "fmapi_gateway", {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr},
-            timeout=30, extra_ports=("http",),
-        )
+        )]
+        for spec in self.opts.generation:
+            waits.append(self._spawn(
+                f"generation-{spec.model}", "fmapi_generation", "FMAPI_GENERATION_",
+                {"FMAPI_GENERATION_MODEL_PATH": str(spec.path),
+                 "FMAPI_GENERATION_SERVED_MODEL_NAME": spec.model,
+                 "FMAPI_GENERATION_ROUTING_ADDR": routing_addr,
+                 "HF_HUB_OFFLINE": "1", **spec.env},
+            ))
+        self._spawn(
+            "gateway", "fmapi_gateway", "FMAPI_GATEWAY_",
+            {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr, "FMAPI_GATEWAY_AUTH_ADDR": auth_addr,
+             "FMAPI_GATEWAY_IDENTITY_KEY": self.identity_key}, extra_ports=("http",),
+        )(30)
+        for wait in waits:
+            wait(self.opts.ready_timeout)
         self._start_envoy()
         self.wait_healthy(self.opts.ready_timeout)
 
@@ -135,6 +180,8 @@ class System:
             LISTEN_PORT=self.opts.http_port,
             GATEWAY_HTTP_PORT=self.ports["gateway-http"],
             GATEWAY_GRPC_PORT=self.ports["gateway"],
+            AUTH_PORT=self.ports["auth"],
+            EXT_AUTHZ_DISABLED="false" if self.opts.ext_authz else "true",
             ACCESS_LOG=str(self.run_dir / "logs" / "envoy-access.log"),
         )
         cfg_path = self.run_dir / "envoy.yaml"
@@ -161,6 +208,10 @@ class System:
             if not envoy.alive() or time.monotonic() > deadline:
                 raise ChildFailed(f"envoy did not start listening:\n{envoy.tail()}")
             time.sleep(0.1)
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
 
     @property
     def base_url(self) -> str:

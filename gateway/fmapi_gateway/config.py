@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from fmapi_common.config import ServiceConfig
+from fmapi_common.identity import parse_key
 
 
 class GatewayConfig(ServiceConfig):
@@ -14,9 +15,22 @@ class GatewayConfig(ServiceConfig):
     model_config = SettingsConfigDict(env_prefix="FMAPI_GATEWAY_")
 
     routing_addr: str
+    # The auth service (token management API).
+    auth_addr: str
+    # HMAC key shared with auth: only identities signed with it are accepted (hex or raw).
+    identity_key: SecretStr
     http_port: int = 0
     http_port_file: str | None = None
     # Largest request body accepted (the managed product's limit is 4 MB); larger gets 413.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # Seconds a backend call may take before the caller gets a 503/504-style error.
     backend_timeout_s: float = Field(120.0, gt=0)
+
+    @field_validator("identity_key")
+    @classmethod
+    def _key_ok(cls, v: SecretStr) -> SecretStr:
+        parse_key(v.get_secret_value())
+        return v
+
+    def identity_key_bytes(self) -> bytes:
+        return parse_key(self.identity_key.get_secret_value())

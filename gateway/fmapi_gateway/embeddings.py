@@ -9,8 +9,10 @@ import numpy as np
 from fmapi.embedding.v1 import embedding_pb2
 from fmapi.routing.v1 import routing_pb2
 from fmapi_common.errors import InvalidArgument
+from fmapi_common.identity import Identity
 
 from .backends import Backends
+from .callers import require_query
 from .tasks import require_task
 
 
@@ -23,12 +25,14 @@ class Embeddings:
 
 async def embed(
     backends: Backends,
+    caller: Identity,
     endpoint_name: str,
     inputs: list[str] | list[list[int]],
     *,
     dimensions: int | None = None,
     instruction: str | None = None,
 ) -> Embeddings:
+    require_query(caller, endpoint_name)
     res = await backends.resolve(endpoint_name)
     ep = res.endpoint
     require_task(ep, routing_pb2.TASK_EMBEDDINGS)

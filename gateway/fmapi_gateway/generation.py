@@ -20,8 +20,10 @@ import grpc
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
 from fmapi_common.errors import from_rpc_error
+from fmapi_common.identity import Identity
 
 from .backends import Backends, open_generation
+from .callers import require_query
 from .openai_generation import GenerationCall
 from .tasks import require_task
 
@@ -100,7 +102,8 @@ class Run:
             s.cancel()
 
 
-async def start(backends: Backends, call: GenerationCall) -> Run:
+async def start(backends: Backends, caller: Identity, call: GenerationCall) -> Run:
+    require_query(caller, call.endpoint)
     res = await backends.resolve(call.endpoint)
     require_task(res.endpoint, routing_pb2.TASK_CHAT, routing_pb2.TASK_COMPLETIONS)
     default_max = res.endpoint.limits.default_max_tokens

@@ -12,6 +12,7 @@ from fmapi.generation.v1 import generation_pb2 as gen_pb
 
 from . import generation
 from .backends import Backends
+from .callers import verified
 from .embeddings import embed
 from .openai_generation import FINISH, GenerationCall
 from .tasks import TASK_NAMES
@@ -19,8 +20,12 @@ from .views import endpoint_ready
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, backends: Backends) -> None:
+    def __init__(self, backends: Backends, identity_key: bytes) -> None:
         self._backends = backends
+        self._key = identity_key
+
+    def _caller(self, context):
+        return verified(context.invocation_metadata() or (), self._key)
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         if not request.endpoint:
@@ -29,6 +34,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument("'texts' must not be empty", param="texts")
         result = await embed(
             self._backends,
+            self._caller(context),
             request.endpoint,
             list(request.texts),
             dimensions=request.dimensions or None,
@@ -48,15 +54,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             messages=[gen_pb.ChatMessage(role=m.role, content=m.content) for m in request.messages]
         )
         req = gen_pb.GenerateRequest(chat=chat, sampling=_sampling(request.sampling))
-        async for resp in self._generate(request.endpoint, req, chat=True, cls=pb.ChatResponse):
+        async for resp in self._generate(context, request.endpoint, req, chat=True, cls=pb.ChatResponse):
             yield resp
 
     async def Complete(self, request: pb.CompleteRequest, context):
         req = gen_pb.GenerateRequest(prompt=request.prompt, sampling=_sampling(request.sampling))
-        async for resp in self._generate(request.endpoint, req, chat=False, cls=pb.CompleteResponse):
+        async for resp in self._generate(context, request.endpoint, req, chat=False, cls=pb.CompleteResponse):
             yield resp
 
-    async def _generate(self, endpoint: str, req, *, chat: bool, cls):
+    async def _generate(self, context, endpoint: str, req, *, chat: bool, cls):
+        ident = self._caller(context)
         if not endpoint:
             raise InvalidArgument("'endpoint' is required", param="endpoint")
         s = req.sampling
@@ -65,7 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             n=s.n if s.HasField("n") else 1, logprobs=False, chat=chat,
             max_tokens_given=s.HasField("max_tokens"),
         )
-        run = await generation.start(self._backends, call)
+        run = await generation.start(self._backends, ident, call)
         try:
             async for ev in run.events():
                 d = ev.delta
@@ -77,6 +84,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             run.close()
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        ident = self._caller(context)
         eps, live = await asyncio.gather(
             self._backends.list_endpoints(), self._backends.live_models()
         )
@@ -84,7 +92,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             models=[
                 pb.Model(id=e.name, task=TASK_NAMES.get(e.task, ""), ready=endpoint_ready(e, live))
                 for e in eps
-                if not e.retired
+                if not e.retired and (ident.admin or ident.may_query(e.name))
             ]
         )
 

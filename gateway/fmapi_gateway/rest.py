@@ -15,16 +15,19 @@ from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
 
 from . import generation, generation_views, openai_embeddings, openai_generation
 from .backends import Backends
+from .callers import IdentityMiddleware, require_admin, require_query
 from .config import GatewayConfig
+from .tokens_api import TokensApi
 from .embeddings import embed
 from .http_common import JSON, RequestContextMiddleware, error_response, read_json
 from .views import databricks_endpoint, endpoint_ready, openai_model
 
 
 class Api:
-    def __init__(self, config: GatewayConfig, backends: Backends) -> None:
+    def __init__(self, config: GatewayConfig, backends: Backends, tokens: TokensApi) -> None:
         self.config = config
         self.backends = backends
+        self.tokens = tokens
 
     # ---------------------------------------------------------------- inference
 
@@ -33,6 +36,7 @@ class Api:
         req = openai_embeddings.parse_request(body, endpoint)
         result = await embed(
             self.backends,
+            caller(request),
             req["endpoint"],
             req["inputs"],
             dimensions=req["dimensions"],
@@ -48,7 +52,7 @@ class Api:
         parse = openai_generation.parse_chat if chat else openai_generation.parse_completion
         call = parse(body, endpoint)
         # Everything that can refuse the request happens here, before any byte is sent.
-        run = await generation.start(self.backends, call)
+        run = await generation.start(self.backends, caller(request), call)
         if call.stream:
             return StreamingResponse(
                 generation_views.stream(run),
@@ -66,6 +70,7 @@ class Api:
     async def invocations(self, request: Request):
         """Databricks' per-endpoint path: the endpoint's task decides the request shape."""
         name = request.path_params["name"]
+        require_query(caller(request), name)
         ep = await self._endpoint(name, "name")
         if ep.task == routing_pb2.TASK_EMBEDDINGS:
             return await self.embeddings(request, endpoint=name)
@@ -76,21 +81,47 @@ class Api:
     # ---------------------------------------------------------------- models / endpoints
 
     async def list_models(self, request: Request) -> JSON:
-        eps = await self.backends.list_endpoints()
+        eps = await self._visible(request)
         return JSON({"object": "list", "data": [openai_model(e) for e in eps if not e.retired]})
 
     async def get_model(self, request: Request) -> JSON:
-        return JSON(openai_model(await self._endpoint(request.path_params["model"], "model")))
+        name = request.path_params["model"]
+        require_query(caller(request), name)
+        return JSON(openai_model(await self._endpoint(name, "model")))
 
     async def list_serving_endpoints(self, request: Request) -> JSON:
-        eps, live = await asyncio.gather(self.backends.list_endpoints(), self.backends.live_models())
+        eps, live = await asyncio.gather(self._visible(request), self.backends.live_models())
         return JSON({"endpoints": [databricks_endpoint(e, endpoint_ready(e, live)) for e in eps]})
 
     async def get_serving_endpoint(self, request: Request) -> JSON:
-        ep, live = await asyncio.gather(
-            self._endpoint(request.path_params["name"], "name"), self.backends.live_models()
-        )
+        name = request.path_params["name"]
+        ident = caller(request)
+        if not ident.admin:
+            require_query(ident, name)
+        ep, live = await asyncio.gather(self._endpoint(name, "name"), self.backends.live_models())
         return JSON(databricks_endpoint(ep, endpoint_ready(ep, live)))
+
+    async def _visible(self, request: Request) -> list[routing_pb2.Endpoint]:
+        """Endpoints the caller's token may query (admins see every endpoint)."""
+        ident = caller(request)
+        eps = await self.backends.list_endpoints()
+        return [e for e in eps if ident.admin or ident.may_query(e.name)]
+
+    # ---------------------------------------------------------------- tokens (admin)
+
+    async def token_create(self, request: Request) -> JSON:
+        ident = caller(request)
+        require_admin(ident)
+        return JSON(await self.tokens.create(ident, await read_json(request, self.config.max_body_bytes)))
+
+    async def token_list(self, request: Request) -> JSON:
+        ident = caller(request)
+        require_admin(ident)
+        return JSON(await self.tokens.list(ident))
+
+    async def token_delete(self, request: Request) -> JSON:
+        require_admin(caller(request))
+        return JSON(await self.tokens.delete(await read_json(request, self.config.max_body_bytes)))
 
     async def _endpoint(self, name: str, param: str) -> routing_pb2.Endpoint:
         try:
@@ -118,8 +149,13 @@ class Api:
         return JSON(body, status_code=200 if ok else 503)
 
 
-def build_app(config: GatewayConfig, backends: Backends) -> RequestContextMiddleware:
-    api = Api(config, backends)
+def caller(request: Request):
+    """The verified identity (set by IdentityMiddleware on every non-public path)."""
+    return request.scope["state"]["identity"]
+
+
+def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi) -> RequestContextMiddleware:
+    api = Api(config, backends, tokens)
     routes = [
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/v1/embeddings", api.openai_embeddings, methods=["POST"]),
@@ -133,6 +169,9 @@ def build_app(config: GatewayConfig, backends: Backends) -> RequestContextMiddle
         Route("/serving-endpoints/{name}/invocations", api.invocations, methods=["POST"]),
         Route("/api/2.0/serving-endpoints", api.list_serving_endpoints, methods=["GET"]),
         Route("/api/2.0/serving-endpoints/{name}", api.get_serving_endpoint, methods=["GET"]),
+        Route("/api/2.0/token/create", api.token_create, methods=["POST"]),
+        Route("/api/2.0/token/list", api.token_list, methods=["GET"]),
+        Route("/api/2.0/token/delete", api.token_delete, methods=["POST"]),
     ]
 
     async def on_fmapi_error(request: Request, exc: FmapiError):
@@ -150,4 +189,4 @@ def build_app(config: GatewayConfig, backends: Backends) -> RequestContextMiddle
         routes=routes,
         exception_handlers={FmapiError: on_fmapi_error, HTTPException: on_http_error},
     )
-    return RequestContextMiddleware(app)
+    return RequestContextMiddleware(IdentityMiddleware(app, config.identity_key_bytes()))

@@ -18,6 +18,7 @@ from .backends import Backends
 from .config import GatewayConfig
 from .grpc_api import InferenceServicer
 from .rest import build_app
+from .tokens_api import TokensApi
 
 log = logging.getLogger(__name__)
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -34,9 +35,13 @@ class _Server(uvicorn.Server):
 async def serve(config: GatewayConfig) -> None:
     setup_telemetry("gateway")
     backends = Backends(config.routing_addr, config.backend_timeout_s)
+    tokens = TokensApi(config.auth_addr)
+    key = config.identity_key_bytes()
 
     def register(server):
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(backends), server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(backends, key), server
+        )
         return [SERVICE]
 
     grpc_svc = await start_grpc_service(config, register)
@@ -47,7 +52,7 @@ async def serve(config: GatewayConfig) -> None:
     http_port = sock.getsockname()[1]
     http = _Server(
         uvicorn.Config(
-            build_app(config, backends),
+            build_app(config, backends, tokens),
             loop="none",
             http="httptools",
             lifespan="off",
@@ -76,4 +81,5 @@ async def serve(config: GatewayConfig) -> None:
     http.should_exit = True
     await asyncio.gather(grpc_svc.stop(), http_task, return_exceptions=True)
     await backends.close()
+    await tokens.close()
     shutdown_telemetry()

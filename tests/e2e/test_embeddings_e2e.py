@@ -18,13 +18,18 @@ MODEL = "all-minilm-l6-v2"
 
 @pytest.fixture(scope="module")
 def client(system):
-    return openai.OpenAI(base_url=f"{system.base_url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{system.base_url}/v1", api_key=system.admin_token, max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def http(system):
-    with httpx.Client(base_url=system.base_url, timeout=60) as c:
+    headers = {"authorization": f"Bearer {system.admin_token}"}
+    with httpx.Client(base_url=system.base_url, timeout=60, headers=headers) as c:
         yield c
+
+
+def grpc_auth(system):
+    return (("authorization", f"Bearer {system.admin_token}"),)
 
 
 def cos(a, b) -> float:
@@ -86,7 +91,8 @@ def test_databricks_paths_return_the_same_vectors(system, client, http):
     assert inv.status_code == 200, inv.text
     assert np.allclose(inv.json()["data"][0]["embedding"], ref, atol=1e-6)
     # An OpenAI client pointed at <host>/serving-endpoints.
-    db = openai.OpenAI(base_url=f"{system.base_url}/serving-endpoints", api_key="x", max_retries=0)
+    db = openai.OpenAI(base_url=f"{system.base_url}/serving-endpoints", api_key=system.admin_token,
+                       max_retries=0)
     got = db.embeddings.create(model=MODEL, input=text)
     assert np.allclose(got.data[0].embedding, ref, atol=1e-6)
 
@@ -110,18 +116,22 @@ def test_grpc_client_through_envoy_gets_the_same_vectors(system, client):
     ref = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
     with grpc.insecure_channel(f"127.0.0.1:{system.http_port}") as ch:
         stub = inference_pb2_grpc.InferenceServiceStub(ch)
-        out = stub.Embed(inference_pb2.EmbedRequest(endpoint=MODEL, texts=texts), timeout=30)
+        md = grpc_auth(system)
+        out = stub.Embed(inference_pb2.EmbedRequest(endpoint=MODEL, texts=texts), timeout=30,
+                         metadata=md)
         assert out.usage.prompt_tokens == ref.usage.prompt_tokens
         for got, want in zip(out.embeddings, ref.data):
             assert np.allclose(got.values, want.embedding, atol=1e-6)
-        models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
+        models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10, metadata=md)
         assert any(m.id == MODEL and m.ready for m in models.models)
         with pytest.raises(grpc.RpcError) as err:
-            stub.Embed(inference_pb2.EmbedRequest(endpoint="nope", texts=["x"]), timeout=10)
+            stub.Embed(inference_pb2.EmbedRequest(endpoint="nope", texts=["x"]), timeout=10,
+                       metadata=md)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert "nope" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
-            stub.Embed(inference_pb2.EmbedRequest(endpoint=MODEL, texts=[]), timeout=10)
+            stub.Embed(inference_pb2.EmbedRequest(endpoint=MODEL, texts=[]), timeout=10,
+                       metadata=md)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -131,7 +141,8 @@ def test_grpc_reflection_through_envoy(system):
     with grpc.insecure_channel(f"127.0.0.1:{system.http_port}") as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         req = reflection_pb2.ServerReflectionRequest(list_services="")
-        resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=10)))
+        resp = next(iter(stub.ServerReflectionInfo(iter([req]), timeout=10,
+                                                   metadata=grpc_auth(system))))
         names = [s.name for s in resp.list_services_response.service]
         assert "fmapi.inference.v1.InferenceService" in names
 
