@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from .supervisor import ChildFailed
-from .system import ROOT, System, SystemOptions
+from .system import ROOT, GenerationSpec, System, SystemOptions
+
+DEV_MODEL = "gemma-3-270m"
 
 
 def add_parser(subparsers) -> None:
@@ -20,6 +22,8 @@ def add_parser(subparsers) -> None:
                     help="Envoy's public port (env FMAPI_HTTP_PORT, default 8080)")
     up.add_argument("--runtime-dir", default=str(ROOT / ".fmapi" / "run"),
                     help="logs, sockets and port files (default .fmapi/run)")
+    up.add_argument("--no-generation", action="store_true",
+                    help="serve embeddings only (skip the Gemma chat model)")
     up.set_defaults(func=up_command)
 
 
@@ -32,11 +36,39 @@ def up_command(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
-    system = System(SystemOptions(runtime_dir=Path(args.runtime_dir), http_port=args.port))
+    state = ROOT / ".fmapi"
+    token_file = state / "dev-token"
+    opts = SystemOptions(
+        runtime_dir=Path(args.runtime_dir),
+        http_port=args.port,
+        admin_token_file=token_file,
+        redis_data_dir=state / "redis",
+    )
+    if args.no_generation:
+        opts.endpoints_file = ROOT / "infra" / "endpoints" / "embeddings-only.yaml"
+    else:
+        from fmapi_generation.modelimport import import_model
+
+        print(f"fmapi: preparing {DEV_MODEL} (imported once into {state / 'models'}) ...", flush=True)
+        model_dir = import_model(out_root=state / "models", name=DEV_MODEL)
+        opts.generation = [GenerationSpec(DEV_MODEL, model_dir)]
+    system = System(opts)
+    had_token = token_file.exists()
     print(f"fmapi: starting (logs in {system.run_dir / 'logs'}) ...", flush=True)
     try:
         system.start()
         print(f"fmapi: ready on {system.base_url}  (OpenAI base_url {system.base_url}/v1)", flush=True)
+        if not had_token:
+            print(
+                f"fmapi: created an admin API token, saved in {token_file} (shown once):\n"
+                f"    {system.admin_token}\n"
+                f"  use it as the bearer token, e.g.\n"
+                f"    export OPENAI_API_KEY=$(cat {token_file})\n"
+                f"    curl -H \"Authorization: Bearer $OPENAI_API_KEY\" {system.base_url}/v1/models",
+                flush=True,
+            )
+        else:
+            print(f"fmapi: admin API token in {token_file}", flush=True)
         print("fmapi: Ctrl-C stops everything", flush=True)
         while True:
             failed = system.sup.check()

@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import dev
+from . import dev, tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmapi", description="fmapi command line")
     sub = parser.add_subparsers(dest="command", required=True)
     dev.add_parser(sub)
+    tokens.add_parser(sub)
+    try:
+        from . import models
+    except ImportError:  # the generation extra is not installed
+        models = None
+    if models is not None:
+        models.add_parser(sub)
     return parser
 
 
