@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-BENCHES = ["embeddings", "auth"]
+BENCHES = ["embeddings", "generation", "auth"]
 
 
 def main(argv: list[str]) -> int:
