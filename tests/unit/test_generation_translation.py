@@ -250,3 +250,19 @@ def test_parse_auto_with_a_vllm_parser(tokenizer):
     assert calls[0]["function"]["name"] == "get_time" and json.loads(calls[0]["function"]["arguments"]) == {"tz": "UTC"}
     content, calls = toolcalls.parse_auto(parser, "It is noon.", tools)
     assert (content, calls) == ("It is noon.", None)
+
+
+# ---------------------------------------------------------------- JSON text
+
+
+def test_control_characters_in_json_strings_are_escaped_across_chunks():
+    from fmapi_generation.jsontext import ControlCharEscaper
+
+    raw = '{"city":":g93\x04ull\\"one\x1a","n":1,"s":"a\\\\","t":"\n"}'
+    chunks = [raw[i : i + 3] for i in range(0, len(raw), 3)]
+    e = ControlCharEscaper()
+    text = "".join(e.feed(c) for c in chunks)
+    value = json.loads(text)  # strict: raw control characters would fail here
+    assert value == {"city": ':g93\x04ull"one\x1a', "n": 1, "s": "a\\", "t": "\n"}
+    with pytest.raises(ValueError):
+        json.loads(raw)

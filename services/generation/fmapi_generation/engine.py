@@ -160,9 +160,11 @@ class VllmEngine:
                 from vllm.tool_parsers import ToolParserManager
 
                 parser_cls = ToolParserManager.get_tool_parser(config.tool_call_parser)
+            cpu = current_platform.is_cpu()
             util = config.gpu_memory_utilization
             if util is None:
-                util = 0.2 if current_platform.is_cpu() else 0.9
+                util = 0.2 if cpu else 0.9
+            eager = cpu if config.enforce_eager is None else config.enforce_eager
             args = AsyncEngineArgs(
                 model=config.model_path,
                 tokenizer=config.model_path,
@@ -171,7 +173,7 @@ class VllmEngine:
                 max_model_len=config.max_model_len,
                 tensor_parallel_size=config.tensor_parallel_size,
                 gpu_memory_utilization=util,
-                enforce_eager=config.enforce_eager,
+                enforce_eager=eager,
                 max_num_seqs=config.max_num_seqs,
                 seed=config.seed,
                 max_logprobs=config.max_top_logprobs,
@@ -207,8 +209,9 @@ class VllmEngine:
 
         try:
             params = to_sampling_params(sampling, raw=raw)
-        except ValueError as exc:
-            raise InvalidArgument(f"invalid sampling parameters: {exc}") from None
+        except (ValueError, VLLMClientError) as exc:
+            param = getattr(exc, "parameter", None)
+            raise InvalidArgument(f"invalid sampling parameters: {exc}", param=param) from None
         stream = self._llm.generate(self._engine_input(prompt_ids), params, request_id)
         try:
             async for out in stream:

@@ -9,6 +9,7 @@ process exits with status 1 so its supervisor restarts it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -67,6 +68,18 @@ def read_chat_template(config: GenerationConfig) -> str | None:
         raise SystemExit(f"generation: cannot read chat template {config.chat_template}: {exc}") from None
 
 
+def chat_stop(config: GenerationConfig) -> list[str]:
+    """Stop strings for chat: the config's, else the model's generation_config.json ones."""
+    if config.chat_stop is not None:
+        return config.chat_stop
+    try:
+        gc = json.loads(Path(config.model_path, "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    stops = gc.get("stop_strings") or []
+    return [stops] if isinstance(stops, str) else [x for x in stops if isinstance(x, str) and x]
+
+
 async def warmup(service: GenerationService) -> None:
     """One short generation, so lazy initialisation does not land on the first caller."""
     ids = service.renderer.encode("Hello")
@@ -102,7 +115,7 @@ async def create(config: GenerationConfig) -> tuple[GrpcService, asyncio.Task]:
             auto_tools=config.tool_call_parser is not None,
             model=name,
         )
-        service = GenerationService(engine, limits, template)
+        service = GenerationService(engine, limits, template, chat_stop(config))
         if config.warmup:
             await warmup(service)
         switch.target = GenerationServicer(service)

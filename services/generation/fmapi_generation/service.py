@@ -14,6 +14,7 @@ from . import tools as toolcalls
 from .chat import PromptRenderer
 from .domain import ChoiceStep, FinishReason, GenerateInput, Step, TokenLogprob, Usage
 from .engine import Engine
+from .jsontext import ControlCharEscaper
 from .validation import Limits, Plan, ToolMode, resolve_max_tokens, validate
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,17 @@ class _Buffered:
 
 
 class GenerationService:
-    def __init__(self, engine: Engine, limits: Limits, chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        limits: Limits,
+        chat_template: str | None = None,
+        chat_stop: list[str] | None = None,
+    ) -> None:
         self.engine = engine
         self.limits = limits
+        # Stop strings every chat request gets (the template's turn boundary, for base models).
+        self.chat_stop = list(chat_stop or [])
         self.renderer = PromptRenderer(engine.tokenizer, chat_template, model=engine.model)
         self.inflight = 0
 
@@ -56,21 +65,35 @@ class GenerationService:
             len(prompt_ids), plan.max_tokens, self.engine.max_model_len, plan.input_param
         )
         sampling = replace(plan.sampling, max_tokens=max_tokens)
+        if plan.messages is not None and self.chat_stop:
+            sampling.stop = sampling.stop + [x for x in self.chat_stop if x not in sampling.stop]
         if plan.forced_tool:
             sampling.json_schema = toolcalls.forced_schema(plan.tools, plan.tool_name)
         request_id = f"{req.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
+        # Greedy decoding gives n identical choices; vLLM refuses n > 1 with temperature 0, so
+        # decode once and copy (usage counts every copy, as if each were generated).
+        copies = 1
+        if sampling.temperature == 0 and sampling.n > 1:
+            copies, sampling.n = sampling.n, 1
 
         self.inflight += 1
         try:
             if plan.echo:
-                yield Step([ChoiceStep(index=i, text=prompt_text) for i in range(sampling.n)])
+                yield Step([ChoiceStep(index=i, text=prompt_text) for i in range(sampling.n * copies)])
             buffered = plan.tool_mode in (ToolMode.REQUIRED, ToolMode.NAMED, ToolMode.AUTO)
             held: dict[int, _Buffered] = {}
+            json_out = sampling.json_schema is not None or sampling.json_object
+            escapers: dict[int, ControlCharEscaper] = {}
             completion_tokens = 0
             async for choices in self.engine.generate(
                 prompt_ids, sampling, request_id, raw=plan.tool_mode == ToolMode.AUTO
             ):
+                if copies > 1:
+                    choices = [replace(c, index=i) for i in range(copies) for c in choices]
                 completion_tokens += sum(c.num_tokens for c in choices)
+                if json_out:
+                    for c in choices:
+                        c.text = escapers.setdefault(c.index, ControlCharEscaper()).feed(c.text)
                 if not buffered:
                     yield Step(choices)
                     continue

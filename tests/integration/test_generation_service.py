@@ -1,0 +1,428 @@
+"""The generation service over gRPC: a real vLLM engine (CPU) on the tiny random Llama.
+
+One server for the module (``python -m fmapi_generation`` on port 0, standalone, no routing).
+The tiny model writes gibberish, so the tests check the machinery — deltas, lengths, stops, seeds,
+constrained JSON, tool calls, cancellation, errors — against what the model itself produced.
+The slow test at the end imports the real Gemma 3 270M and checks it answers coherently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import grpc
+import jsonschema
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fmapi.generation.v1 import generation_pb2 as pb
+from fmapi.generation.v1 import generation_pb2_grpc
+from fmapi_cli.supervisor import Supervisor
+from fmapi_common.errors import from_rpc_error
+from helpers.tiny_llm import build_tiny_llama
+
+MAX_MODEL_LEN = 2048
+SERVICE = "fmapi.generation.v1.GenerationService"
+
+
+def wait_serving(address: str, timeout: float, child=None) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if child is not None and not child.alive():
+                raise RuntimeError(f"generation exited:\n{child.tail(40)}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise RuntimeError(f"generation not SERVING after {timeout:.0f}s:\n{child.tail(40) if child else ''}")
+
+
+def start_generation(sup: Supervisor, tmp, model_dir, name: str, **env) -> str:
+    port_file = tmp / f"{name}.port"
+    child = sup.start(
+        name,
+        [sys.executable, "-m", "fmapi_generation"],
+        {
+            "FMAPI_GENERATION_MODEL_PATH": str(model_dir),
+            "FMAPI_GENERATION_PORT_FILE": str(port_file),
+            "HF_HUB_OFFLINE": "1",
+            **env,
+        },
+    )
+    port = sup.wait_for_file(child, port_file, 120)
+    address = f"127.0.0.1:{port}"
+    wait_serving(address, 300, child)
+    return address
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def generation(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("generation")
+    sup = Supervisor(tmp / "logs")
+    try:
+        yield start_generation(
+            sup, tmp, tiny_model, "generation",
+            FMAPI_GENERATION_SERVED_MODEL_NAME="tiny",
+            FMAPI_GENERATION_MAX_MODEL_LEN=str(MAX_MODEL_LEN),
+        )
+    finally:
+        sup.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture
+async def stub(generation):
+    async with grpc.aio.insecure_channel(generation) as ch:
+        yield generation_pb2_grpc.GenerationServiceStub(ch)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def chat_req(content="hello", sampling=None, **chat) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id="t",
+        chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=content)], **chat),
+        sampling=sampling or pb.SamplingParams(),
+    )
+
+
+class Result:
+    def __init__(self, messages):
+        self.messages = messages
+        self.text: dict[int, str] = {}
+        self.finish: dict[int, int] = {}
+        self.tool_calls: dict[int, list] = {}
+        self.logprobs: dict[int, list] = {}
+        for m in messages:
+            for c in m.choices:
+                self.text[c.index] = self.text.get(c.index, "") + c.text
+                self.logprobs.setdefault(c.index, []).extend(c.logprobs)
+                if c.finish_reason:
+                    assert c.index not in self.finish, "a choice finished twice"
+                    self.finish[c.index] = c.finish_reason
+                if c.tool_calls_json:
+                    self.tool_calls[c.index] = json.loads(c.tool_calls_json)
+        self.usage = messages[-1].usage
+
+
+async def run(stub, req) -> Result:
+    messages = [m async for m in stub.Generate(req)]
+    # Usage comes once, on the last message, which carries no choices.
+    assert messages[-1].HasField("usage") and not messages[-1].choices
+    assert not any(m.HasField("usage") for m in messages[:-1])
+    return Result(messages)
+
+
+async def running(stub) -> int:
+    return (await stub.GetModelInfo(pb.GetModelInfoRequest())).running_requests
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_model_info(stub):
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.model, info.max_model_len, info.running_requests) == ("tiny", MAX_MODEL_LEN, 0)
+    assert not info.supports_auto_tool_choice
+
+
+async def test_streams_deltas_and_usage_with_one_bos(stub, tokenizer):
+    r = await run(stub, chat_req("hello there", pb.SamplingParams(max_tokens=12, temperature=0)))
+    text_messages = [m for m in r.messages if m.choices]
+    assert len(text_messages) >= 6, "tokens must stream as separate messages"
+    assert set(r.text) == {0} and r.finish[0] in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
+    # The template writes <s> and the tokenizer adds one: the prompt must hold exactly one.
+    rendered = "<|user|>\nhello there<|end|>\n<|assistant|>\n"
+    expected = 1 + len(tokenizer.encode(rendered, add_special_tokens=False))
+    assert r.usage.prompt_tokens == expected
+    assert 1 <= r.usage.completion_tokens <= 12
+
+
+async def test_max_tokens_gives_length_and_exact_count(stub):
+    r = await run(stub, pb.GenerateRequest(prompt="the quick brown fox", sampling=pb.SamplingParams(max_tokens=9, temperature=0)))
+    assert r.finish == {0: pb.FINISH_REASON_LENGTH}
+    assert r.usage.completion_tokens == 9 and r.text[0]
+
+
+async def test_n_choices(stub):
+    sampling = pb.SamplingParams(n=2, max_tokens=6, temperature=1.0, seed=3, logprobs=True)
+    r = await run(stub, chat_req("hi", sampling))
+    assert set(r.text) == {0, 1} and set(r.finish) == {0, 1}
+    assert r.text[0] != r.text[1]
+    # One logprob per generated token: usage counts the tokens of both choices.
+    counts = [len(r.logprobs[i]) for i in (0, 1)]
+    assert r.usage.completion_tokens == sum(counts)
+    for i in (0, 1):
+        assert counts[i] == 6 if r.finish[i] == pb.FINISH_REASON_LENGTH else 1 <= counts[i] <= 6
+
+
+async def test_greedy_n_gives_identical_choices(stub):
+    r = await run(stub, chat_req("hi", pb.SamplingParams(n=3, max_tokens=5, temperature=0)))
+    assert set(r.text) == {0, 1, 2} and r.text[0] == r.text[1] == r.text[2]
+    assert r.finish == {i: pb.FINISH_REASON_LENGTH for i in range(3)}
+    assert r.usage.completion_tokens == 15
+
+
+async def test_stop_string_cuts_the_output(stub):
+    base = pb.SamplingParams(max_tokens=40, temperature=0)
+    full = (await run(stub, pb.GenerateRequest(prompt="hello world", sampling=base))).text[0]
+    assert len(full) > 12, full
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = full[: full.index(stop)]
+    sampling = pb.SamplingParams(max_tokens=40, temperature=0, stop=[stop, "never-appears"])
+    r = await run(stub, pb.GenerateRequest(prompt="hello world", sampling=sampling))
+    assert r.text[0] == cut and r.finish[0] == pb.FINISH_REASON_STOP
+
+
+async def test_seed_makes_sampling_repeatable(stub):
+    def req(seed):
+        return pb.GenerateRequest(prompt="once upon a time", sampling=pb.SamplingParams(max_tokens=16, temperature=1.0, seed=seed))
+
+    a, b, c = [(await run(stub, req(s))).text[0] for s in (1234, 1234, 999)]
+    assert a == b
+    assert a != c
+
+
+async def test_logprobs(stub):
+    sampling = pb.SamplingParams(max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    r = await run(stub, pb.GenerateRequest(prompt="hello", sampling=sampling))
+    lps = r.logprobs[0]
+    assert len(lps) == r.usage.completion_tokens == 5
+    for lp in lps:
+        assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+        tops = [t.logprob for t in lp.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        # Greedy: the chosen token is the most likely one.
+        assert abs(lp.logprob - tops[0]) < 1e-4
+
+
+async def test_echo_returns_the_prompt_first(stub):
+    r = await run(stub, pb.GenerateRequest(prompt="hello world", echo=True, sampling=pb.SamplingParams(max_tokens=3)))
+    assert r.messages[0].choices[0].text == "hello world" and r.text[0].startswith("hello world")
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "temperature": {"type": "integer", "minimum": -50, "maximum": 50},
+        "sunny": {"type": "boolean"},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "temperature", "sunny", "unit"],
+    "additionalProperties": False,
+}
+
+
+async def test_json_schema_output_validates(stub):
+    for seed in (1, 2, 3):
+        sampling = pb.SamplingParams(
+            max_tokens=120, temperature=1.0, seed=seed,
+            response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(SCHEMA),
+        )
+        r = await run(stub, chat_req("weather as json", sampling))
+        assert r.finish[0] == pb.FINISH_REASON_STOP, r.text
+        jsonschema.validate(json.loads(r.text[0]), SCHEMA)
+
+
+async def test_json_object_output_parses(stub):
+    sampling = pb.SamplingParams(max_tokens=200, temperature=0.7, seed=5, response_format=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+    r = await run(stub, chat_req("json please", sampling))
+    if r.finish[0] == pb.FINISH_REASON_STOP:
+        assert isinstance(json.loads(r.text[0]), dict)
+    else:  # cut by max_tokens: still a JSON object prefix
+        assert r.text[0].startswith("{")
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+async def test_tool_choice_required_gives_a_valid_call(stub):
+    for seed in (1, 2, 3, 4):
+        sampling = pb.SamplingParams(max_tokens=100, temperature=1.0, seed=seed)
+        r = await run(stub, chat_req("what's the weather?", sampling, tools_json=json.dumps(TOOLS), tool_choice="required"))
+        assert r.finish[0] == pb.FINISH_REASON_TOOL_CALLS and r.text[0] == ""
+        (call,) = r.tool_calls[0]
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        name = call["function"]["name"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMS[name])
+
+
+async def test_named_tool_choice(stub):
+    sampling = pb.SamplingParams(max_tokens=60, temperature=1.0, seed=7, n=2)
+    r = await run(stub, chat_req("add these", sampling, tools_json=json.dumps(TOOLS), tool_choice="add"))
+    for i in (0, 1):
+        assert r.finish[i] == pb.FINISH_REASON_TOOL_CALLS
+        (call,) = r.tool_calls[i]
+        assert call["function"]["name"] == "add"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMS["add"])
+
+
+async def test_tool_call_cut_short_is_length_not_a_broken_call(stub):
+    sampling = pb.SamplingParams(max_tokens=3, temperature=1.0, seed=1)
+    r = await run(stub, chat_req("weather", sampling, tools_json=json.dumps(TOOLS), tool_choice="get_weather"))
+    assert r.finish[0] == pb.FINISH_REASON_LENGTH and 0 not in r.tool_calls
+    assert r.text[0].startswith("{")
+
+
+async def wait_idle(stub, within: float) -> float:
+    start = time.monotonic()
+    while (n := await running(stub)) and time.monotonic() - start < within:
+        await asyncio.sleep(0.02)
+    assert n == 0, f"{n} engine requests still running {within}s after the caller left"
+    return time.monotonic() - start
+
+
+def long_req(n=1) -> pb.GenerateRequest:
+    """Fills the context: seconds of decoding if nobody stops it. One choice is greedy (this
+    model's greedy output from "hello" never reaches EOS); n > 1 samples."""
+    if n == 1:
+        return pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(temperature=0))
+    return pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(n=n, temperature=0.8, seed=11))
+
+
+async def test_cancelled_stream_aborts_the_engine_request(stub):
+    call = stub.Generate(long_req(2))
+    seen = 0
+    async for _ in call:
+        seen += 1
+        if seen == 3:
+            break
+    assert await running(stub) >= 1
+    call.cancel()
+    await wait_idle(stub, 1.0)
+
+
+async def test_disconnected_client_aborts_the_engine_request(generation, stub):
+    ch = grpc.aio.insecure_channel(generation)
+    call = generation_pb2_grpc.GenerationServiceStub(ch).Generate(long_req(1))
+    await call.read()
+    assert await running(stub) == 1
+    await ch.close()  # the client goes away without cancelling explicitly
+    await wait_idle(stub, 1.0)
+
+
+async def test_deadline_aborts_the_engine_request(stub):
+    with pytest.raises(grpc.RpcError) as ei:
+        async for _ in stub.Generate(long_req(1), timeout=0.5):
+            pass
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await wait_idle(stub, 1.0)
+
+
+LONG_PROMPT = "hello world " * 1500  # well over 2048 tokens
+
+
+@pytest.mark.parametrize(
+    "req, param, words",
+    [
+        (chat_req(sampling=pb.SamplingParams(temperature=3)), "temperature", ["between 0 and 2"]),
+        (chat_req(sampling=pb.SamplingParams(top_p=0)), "top_p", ["greater than 0"]),
+        (chat_req(sampling=pb.SamplingParams(n=0)), "n", ["n must be between 1"]),
+        (chat_req(sampling=pb.SamplingParams(max_tokens=0)), "max_tokens", ["at least 1"]),
+        (chat_req(sampling=pb.SamplingParams(max_tokens=5000)), "max_tokens", ["2048-token context"]),
+        (pb.GenerateRequest(prompt=LONG_PROMPT), "prompt", ["tokens long", "2048"]),
+        (pb.GenerateRequest(chat=pb.Chat()), "messages", ["at least one message"]),
+        (pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="x")])), "messages[0].role", ["robot"]),
+        (pb.GenerateRequest(), "messages", ["prompt or messages"]),
+        (chat_req(sampling=pb.SamplingParams(response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema='{"type": "nope"}')),
+         "response_format.json_schema", ["not a valid JSON schema"]),
+        (chat_req(tools_json=json.dumps(TOOLS), tool_choice="auto"), "tool_choice", ["auto", "required"]),
+        (chat_req(tools_json=json.dumps(TOOLS), tool_choice="launch_rockets"), "tool_choice", ["launch_rockets"]),
+        (chat_req(chat_template="{% if %}"), "chat_template", ["does not compile"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+async def test_bad_input_is_invalid_argument(stub, req, param, words):
+    before = await running(stub)
+    with pytest.raises(grpc.RpcError) as ei:
+        async for _ in stub.Generate(req):
+            pass
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+    err = from_rpc_error(ei.value)
+    assert err.param == param, (err.param, err.message)
+    for w in words:
+        assert w in err.message, err.message
+    assert await running(stub) == before == 0
+
+
+async def test_request_chat_template_is_used(stub):
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    r = await run(stub, chat_req("hello", pb.SamplingParams(max_tokens=2), chat_template=template))
+    assert r.usage.prompt_tokens == 2  # <s> + "hello"
+
+
+async def test_concurrent_streams_are_independent(stub):
+    reqs = [pb.GenerateRequest(prompt=f"{i} hello", sampling=pb.SamplingParams(max_tokens=8, temperature=0)) for i in range(6)]
+    alone = [(await run(stub, r)).text[0] for r in reqs]
+    together = await asyncio.gather(*(run(stub, r) for r in reqs))
+    assert [r.text[0] for r in together] == alone
+
+
+# ---------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+async def test_gemma_answers_coherently(tmp_path_factory):
+    """Import Gemma 3 270M from its package (cached in .fmapi/models) and chat with it."""
+    from fmapi_cli.main import build_parser  # noqa: F401 - the CLI entry point must import
+    from fmapi_generation.modelimport import import_model
+
+    model = await asyncio.to_thread(import_model, progress=False)
+    tmp = tmp_path_factory.mktemp("gemma")
+    sup = Supervisor(tmp / "logs")
+    try:
+        address = await asyncio.to_thread(
+            start_generation, sup, tmp, model, "gemma", FMAPI_GENERATION_MAX_MODEL_LEN="2048"
+        )
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = generation_pb2_grpc.GenerationServiceStub(ch)
+            sampling = pb.SamplingParams(max_tokens=40, temperature=0)
+            r = await run(stub, chat_req("What is the capital of France?", sampling))
+            answer = r.text[0]
+            assert "Paris" in answer, answer
+            assert r.finish[0] == pb.FINISH_REASON_STOP, answer
+            # Plain English words, not token soup.
+            words = answer.split()
+            assert 3 <= len(words) <= 30 and all(w.strip(".,!?'\"").isascii() for w in words), answer
+            r = await run(stub, pb.GenerateRequest(prompt="The capital of France is", sampling=pb.SamplingParams(max_tokens=12, temperature=0)))
+            assert "France" in r.text[0] or "Paris" in r.text[0], r.text[0]
+            schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}},
+                      "required": ["city", "country"], "additionalProperties": False}
+            sampling = pb.SamplingParams(max_tokens=60, temperature=0, response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema))
+            r = await run(stub, chat_req("Give the city Paris and its country as JSON.", sampling))
+            value = json.loads(r.text[0])
+            jsonschema.validate(value, schema)
+            assert value["city"] == "Paris", value
+    finally:
+        await asyncio.to_thread(sup.stop)
