@@ -27,7 +27,9 @@ def add_parser(subparsers) -> None:
     )
     src = imp.add_mutually_exclusive_group()
     src.add_argument("--gguf", type=Path, metavar="FILE", help="a GGUF model file")
-    src.add_argument("--hf-dir", type=Path, metavar="DIR", help="a local Hugging Face model directory")
+    src.add_argument(
+        "--hf-dir", type=Path, metavar="DIR", help="a local Hugging Face model directory"
+    )
     imp.add_argument("--name", help="directory name under --out-root (default: from the source)")
     imp.add_argument(
         "--out-root", type=Path, default=Path(".fmapi") / "models", help="default: .fmapi/models"

@@ -33,8 +33,8 @@ _WORDS = (
     "the quick brown fox jumps over the lazy dog while a small model writes tokens one by one "
     "hello world how are you today i am fine thank you very much for asking about the weather "
     "it is sunny and warm in the city but cold and rainy near the sea where boats sail slowly "
-    "numbers like 0 1 2 3 4 5 6 7 8 9 10 42 100 and 2024 appear in json such as {\"a\": 1} "
-    "[true, false, null] \"name\": \"value\" , : { } [ ] tools call functions with arguments "
+    'numbers like 0 1 2 3 4 5 6 7 8 9 10 42 100 and 2024 appear in json such as {"a": 1} '
+    '[true, false, null] "name": "value" , : { } [ ] tools call functions with arguments '
     "get_weather location city unit celsius fahrenheit answer question system user assistant "
     "streaming deltas stop length finish reason usage prompt completion sampling temperature "
 )
@@ -46,7 +46,7 @@ def _corpus() -> list[str]:
     # Some variety so BPE learns merges across word pairs and digits.
     for i in range(200):
         lines.append(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)))
-        lines.append(f"{i} {i * 3} {{\"n\": {i}, \"ok\": {'true' if i % 2 else 'false'}}}")
+        lines.append(f'{i} {i * 3} {{"n": {i}, "ok": {"true" if i % 2 else "false"}}}')
     return lines
 
 

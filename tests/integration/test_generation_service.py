@@ -36,13 +36,17 @@ def wait_serving(address: str, timeout: float, child=None) -> None:
             if child is not None and not child.alive():
                 raise RuntimeError(f"generation exited:\n{child.tail(40)}")
             try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2).status
+                status = stub.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE), timeout=2
+                ).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.5)
-    raise RuntimeError(f"generation not SERVING after {timeout:.0f}s:\n{child.tail(40) if child else ''}")
+    raise RuntimeError(
+        f"generation not SERVING after {timeout:.0f}s:\n{child.tail(40) if child else ''}"
+    )
 
 
 def start_generation(sup: Supervisor, tmp, model_dir, name: str, **env) -> str:
@@ -74,7 +78,10 @@ def generation(tmp_path_factory, tiny_model):
     sup = Supervisor(tmp / "logs")
     try:
         yield start_generation(
-            sup, tmp, tiny_model, "generation",
+            sup,
+            tmp,
+            tiny_model,
+            "generation",
             FMAPI_GENERATION_SERVED_MODEL_NAME="tiny",
             FMAPI_GENERATION_MAX_MODEL_LEN=str(MAX_MODEL_LEN),
         )
@@ -159,7 +166,12 @@ async def test_streams_deltas_and_usage_with_one_bos(stub, tokenizer):
 
 
 async def test_max_tokens_gives_length_and_exact_count(stub):
-    r = await run(stub, pb.GenerateRequest(prompt="the quick brown fox", sampling=pb.SamplingParams(max_tokens=9, temperature=0)))
+    r = await run(
+        stub,
+        pb.GenerateRequest(
+            prompt="the quick brown fox", sampling=pb.SamplingParams(max_tokens=9, temperature=0)
+        ),
+    )
     assert r.finish == {0: pb.FINISH_REASON_LENGTH}
     assert r.usage.completion_tokens == 9 and r.text[0]
 
@@ -196,7 +208,10 @@ async def test_stop_string_cuts_the_output(stub):
 
 async def test_seed_makes_sampling_repeatable(stub):
     def req(seed):
-        return pb.GenerateRequest(prompt="once upon a time", sampling=pb.SamplingParams(max_tokens=16, temperature=1.0, seed=seed))
+        return pb.GenerateRequest(
+            prompt="once upon a time",
+            sampling=pb.SamplingParams(max_tokens=16, temperature=1.0, seed=seed),
+        )
 
     a, b, c = [(await run(stub, req(s))).text[0] for s in (1234, 1234, 999)]
     assert a == b
@@ -217,7 +232,12 @@ async def test_logprobs(stub):
 
 
 async def test_echo_returns_the_prompt_first(stub):
-    r = await run(stub, pb.GenerateRequest(prompt="hello world", echo=True, sampling=pb.SamplingParams(max_tokens=3)))
+    r = await run(
+        stub,
+        pb.GenerateRequest(
+            prompt="hello world", echo=True, sampling=pb.SamplingParams(max_tokens=3)
+        ),
+    )
     assert r.messages[0].choices[0].text == "hello world" and r.text[0].startswith("hello world")
 
 
@@ -237,8 +257,11 @@ SCHEMA = {
 async def test_json_schema_output_validates(stub):
     for seed in (1, 2, 3):
         sampling = pb.SamplingParams(
-            max_tokens=120, temperature=1.0, seed=seed,
-            response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(SCHEMA),
+            max_tokens=120,
+            temperature=1.0,
+            seed=seed,
+            response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            json_schema=json.dumps(SCHEMA),
         )
         r = await run(stub, chat_req("weather as json", sampling))
         assert r.finish[0] == pb.FINISH_REASON_STOP, r.text
@@ -246,7 +269,9 @@ async def test_json_schema_output_validates(stub):
 
 
 async def test_json_object_output_parses(stub):
-    sampling = pb.SamplingParams(max_tokens=200, temperature=0.7, seed=5, response_format=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+    sampling = pb.SamplingParams(
+        max_tokens=200, temperature=0.7, seed=5, response_format=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+    )
     r = await run(stub, chat_req("json please", sampling))
     if r.finish[0] == pb.FINISH_REASON_STOP:
         assert isinstance(json.loads(r.text[0]), dict)
@@ -255,14 +280,37 @@ async def test_json_object_output_parses(stub):
 
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
-        "required": ["city", "unit"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object",
-        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-        "required": ["a", "b"], "additionalProperties": False}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 10},
+                    "unit": {"enum": ["c", "f"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "integer", "minimum": 0, "maximum": 99},
+                    "b": {"type": "integer", "minimum": 0, "maximum": 99},
+                },
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    },
 ]
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
@@ -270,7 +318,15 @@ PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 async def test_tool_choice_required_gives_a_valid_call(stub):
     for seed in (1, 2, 3, 4):
         sampling = pb.SamplingParams(max_tokens=100, temperature=1.0, seed=seed)
-        r = await run(stub, chat_req("what's the weather?", sampling, tools_json=json.dumps(TOOLS), tool_choice="required"))
+        r = await run(
+            stub,
+            chat_req(
+                "what's the weather?",
+                sampling,
+                tools_json=json.dumps(TOOLS),
+                tool_choice="required",
+            ),
+        )
         assert r.finish[0] == pb.FINISH_REASON_TOOL_CALLS and r.text[0] == ""
         (call,) = r.tool_calls[0]
         assert call["type"] == "function" and call["id"].startswith("call_")
@@ -280,7 +336,9 @@ async def test_tool_choice_required_gives_a_valid_call(stub):
 
 async def test_named_tool_choice(stub):
     sampling = pb.SamplingParams(max_tokens=60, temperature=1.0, seed=7, n=2)
-    r = await run(stub, chat_req("add these", sampling, tools_json=json.dumps(TOOLS), tool_choice="add"))
+    r = await run(
+        stub, chat_req("add these", sampling, tools_json=json.dumps(TOOLS), tool_choice="add")
+    )
     for i in (0, 1):
         assert r.finish[i] == pb.FINISH_REASON_TOOL_CALLS
         (call,) = r.tool_calls[i]
@@ -290,7 +348,9 @@ async def test_named_tool_choice(stub):
 
 async def test_tool_call_cut_short_is_length_not_a_broken_call(stub):
     sampling = pb.SamplingParams(max_tokens=3, temperature=1.0, seed=1)
-    r = await run(stub, chat_req("weather", sampling, tools_json=json.dumps(TOOLS), tool_choice="get_weather"))
+    r = await run(
+        stub, chat_req("weather", sampling, tools_json=json.dumps(TOOLS), tool_choice="get_weather")
+    )
     assert r.finish[0] == pb.FINISH_REASON_LENGTH and 0 not in r.tool_calls
     assert r.text[0].startswith("{")
 
@@ -308,7 +368,9 @@ def long_req(n=1) -> pb.GenerateRequest:
     model's greedy output from "hello" never reaches EOS); n > 1 samples."""
     if n == 1:
         return pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(temperature=0))
-    return pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(n=n, temperature=0.8, seed=11))
+    return pb.GenerateRequest(
+        prompt="hello", sampling=pb.SamplingParams(n=n, temperature=0.8, seed=11)
+    )
 
 
 async def test_cancelled_stream_aborts_the_engine_request(stub):
@@ -350,15 +412,39 @@ LONG_PROMPT = "hello world " * 1500  # well over 2048 tokens
         (chat_req(sampling=pb.SamplingParams(top_p=0)), "top_p", ["greater than 0"]),
         (chat_req(sampling=pb.SamplingParams(n=0)), "n", ["n must be between 1"]),
         (chat_req(sampling=pb.SamplingParams(max_tokens=0)), "max_tokens", ["at least 1"]),
-        (chat_req(sampling=pb.SamplingParams(max_tokens=5000)), "max_tokens", ["2048-token context"]),
+        (
+            chat_req(sampling=pb.SamplingParams(max_tokens=5000)),
+            "max_tokens",
+            ["2048-token context"],
+        ),
         (pb.GenerateRequest(prompt=LONG_PROMPT), "prompt", ["tokens long", "2048"]),
         (pb.GenerateRequest(chat=pb.Chat()), "messages", ["at least one message"]),
-        (pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="x")])), "messages[0].role", ["robot"]),
+        (
+            pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="x")])),
+            "messages[0].role",
+            ["robot"],
+        ),
         (pb.GenerateRequest(), "messages", ["prompt or messages"]),
-        (chat_req(sampling=pb.SamplingParams(response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema='{"type": "nope"}')),
-         "response_format.json_schema", ["not a valid JSON schema"]),
-        (chat_req(tools_json=json.dumps(TOOLS), tool_choice="auto"), "tool_choice", ["auto", "required"]),
-        (chat_req(tools_json=json.dumps(TOOLS), tool_choice="launch_rockets"), "tool_choice", ["launch_rockets"]),
+        (
+            chat_req(
+                sampling=pb.SamplingParams(
+                    response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                    json_schema='{"type": "nope"}',
+                )
+            ),
+            "response_format.json_schema",
+            ["not a valid JSON schema"],
+        ),
+        (
+            chat_req(tools_json=json.dumps(TOOLS), tool_choice="auto"),
+            "tool_choice",
+            ["auto", "required"],
+        ),
+        (
+            chat_req(tools_json=json.dumps(TOOLS), tool_choice="launch_rockets"),
+            "tool_choice",
+            ["launch_rockets"],
+        ),
         (chat_req(chat_template="{% if %}"), "chat_template", ["does not compile"]),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -383,7 +469,12 @@ async def test_request_chat_template_is_used(stub):
 
 
 async def test_concurrent_streams_are_independent(stub):
-    reqs = [pb.GenerateRequest(prompt=f"{i} hello", sampling=pb.SamplingParams(max_tokens=8, temperature=0)) for i in range(6)]
+    reqs = [
+        pb.GenerateRequest(
+            prompt=f"{i} hello", sampling=pb.SamplingParams(max_tokens=8, temperature=0)
+        )
+        for i in range(6)
+    ]
     alone = [(await run(stub, r)).text[0] for r in reqs]
     together = await asyncio.gather(*(run(stub, r) for r in reqs))
     assert [r.text[0] for r in together] == alone
@@ -414,12 +505,32 @@ async def test_gemma_answers_coherently(tmp_path_factory):
             assert r.finish[0] == pb.FINISH_REASON_STOP, answer
             # Plain English words, not token soup.
             words = answer.split()
-            assert 3 <= len(words) <= 30 and all(w.strip(".,!?'\"").isascii() for w in words), answer
-            r = await run(stub, pb.GenerateRequest(prompt="The capital of France is", sampling=pb.SamplingParams(max_tokens=12, temperature=0)))
+            assert 3 <= len(words) <= 30 and all(w.strip(".,!?'\"").isascii() for w in words), (
+                answer
+            )
+            r = await run(
+                stub,
+                pb.GenerateRequest(
+                    prompt="The capital of France is",
+                    sampling=pb.SamplingParams(max_tokens=12, temperature=0),
+                ),
+            )
             assert "France" in r.text[0] or "Paris" in r.text[0], r.text[0]
-            schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}},
-                      "required": ["city", "country"], "additionalProperties": False}
-            sampling = pb.SamplingParams(max_tokens=60, temperature=0, response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema))
+            schema = {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 30},
+                    "country": {"type": "string", "maxLength": 30},
+                },
+                "required": ["city", "country"],
+                "additionalProperties": False,
+            }
+            sampling = pb.SamplingParams(
+                max_tokens=60,
+                temperature=0,
+                response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                json_schema=json.dumps(schema),
+            )
             r = await run(stub, chat_req("Give the city Paris and its country as JSON.", sampling))
             value = json.loads(r.text[0])
             jsonschema.validate(value, schema)

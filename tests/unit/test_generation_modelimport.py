@@ -10,7 +10,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from fmapi_cli.main import main as fmapi
-from fmapi_generation.modelimport import BASE_CHAT_STOP, BASE_CHAT_TEMPLATE, MARKER, ImportFailed, import_model
+from fmapi_generation.modelimport import (
+    BASE_CHAT_STOP,
+    BASE_CHAT_TEMPLATE,
+    MARKER,
+    ImportFailed,
+    import_model,
+)
 from helpers.tiny_llm import build_tiny_llama
 
 
@@ -21,7 +27,10 @@ def tiny(tmp_path_factory):
 
 def test_cli_imports_once_and_prints_the_directory(tiny, tmp_path, capsys):
     out_root = tmp_path / "models"
-    assert fmapi(["models", "import", "--hf-dir", str(tiny), "--out-root", str(out_root), "--quiet"]) == 0
+    assert (
+        fmapi(["models", "import", "--hf-dir", str(tiny), "--out-root", str(out_root), "--quiet"])
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert out == str(out_root.resolve() / "tiny")
     files = {p.name for p in (out_root / "tiny").iterdir()}
@@ -29,7 +38,10 @@ def test_cli_imports_once_and_prints_the_directory(tiny, tmp_path, capsys):
     weights = out_root / "tiny" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     # Same source: nothing is rewritten.
-    assert fmapi(["models", "import", "--hf-dir", str(tiny), "--out-root", str(out_root), "--quiet"]) == 0
+    assert (
+        fmapi(["models", "import", "--hf-dir", str(tiny), "--out-root", str(out_root), "--quiet"])
+        == 0
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == out
     assert weights.stat().st_mtime_ns == before
     # The imported tokenizer still gives exactly one BOS for the model's chat template.
@@ -60,7 +72,8 @@ def test_base_model_without_template_gets_one_with_stop_strings(tiny, tmp_path):
     assert tok.chat_template == BASE_CHAT_TEMPLATE
     prompt = tok.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert prompt == "<s>Be brief.\n\nUser: Hi\nAssistant:"
     gc = json.loads((out / "generation_config.json").read_text())

@@ -39,7 +39,9 @@ WEATHER = Tool(
         "required": ["city", "unit"],
     },
 )
-TIME = Tool("get_time", "", {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]})
+TIME = Tool(
+    "get_time", "", {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,11 @@ def test_unset_optional_fields_stay_unset():
 
 
 def test_explicit_zero_is_kept_so_validation_can_refuse_it():
-    inp = request_from_proto(pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=0, n=0, temperature=0)))
+    inp = request_from_proto(
+        pb.GenerateRequest(
+            prompt="hi", sampling=pb.SamplingParams(max_tokens=0, n=0, temperature=0)
+        )
+    )
     assert (inp.sampling.max_tokens, inp.sampling.n, inp.sampling.temperature) == (0, 0, 0.0)
 
 
@@ -76,18 +82,37 @@ def test_chat_and_sampling_fields_are_carried():
             tool_choice="required",
         ),
         sampling=pb.SamplingParams(
-            max_tokens=7, top_k=3, stop=["x", "y"], seed=9, presence_penalty=0.5, logprobs=True,
-            top_logprobs=2, response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema="{}",
+            max_tokens=7,
+            top_k=3,
+            stop=["x", "y"],
+            seed=9,
+            presence_penalty=0.5,
+            logprobs=True,
+            top_logprobs=2,
+            response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            json_schema="{}",
         ),
     )
     inp = request_from_proto(req)
     assert inp.request_id == "r1" and inp.prompt is None
     assert [(m.role, m.content, m.name, m.tool_call_id) for m in inp.messages] == [
-        ("user", "hi", "ann", ""), ("tool", "42", "", "call_1"),
+        ("user", "hi", "ann", ""),
+        ("tool", "42", "", "call_1"),
     ]
-    assert (inp.chat_template, inp.tools_json, inp.tool_choice) == ("{{ messages }}", "[]", "required")
+    assert (inp.chat_template, inp.tools_json, inp.tool_choice) == (
+        "{{ messages }}",
+        "[]",
+        "required",
+    )
     s = inp.sampling
-    assert (s.max_tokens, s.top_k, s.stop, s.seed, s.logprobs, s.top_logprobs) == (7, 3, ["x", "y"], 9, True, 2)
+    assert (s.max_tokens, s.top_k, s.stop, s.seed, s.logprobs, s.top_logprobs) == (
+        7,
+        3,
+        ["x", "y"],
+        9,
+        True,
+        2,
+    )
     assert s.presence_penalty == 0.5 and s.response_format == ResponseFormat.JSON_SCHEMA
 
 
@@ -99,7 +124,16 @@ def test_steps_to_proto():
     msg = step_to_proto(
         Step(
             [
-                ChoiceStep(0, "Hel", 1, [TokenLogprob("Hel", -0.5, [TopLogprob("Hel", -0.5), TopLogprob("He", -float("inf"))])]),
+                ChoiceStep(
+                    0,
+                    "Hel",
+                    1,
+                    [
+                        TokenLogprob(
+                            "Hel", -0.5, [TopLogprob("Hel", -0.5), TopLogprob("He", -float("inf"))]
+                        )
+                    ],
+                ),
                 ChoiceStep(1, "", 0, finish_reason=FinishReason.TOOL_CALLS, tool_calls=[call]),
             ]
         )
@@ -110,10 +144,18 @@ def test_steps_to_proto():
     assert a.logprobs[0].token == "Hel" and math.isclose(a.logprobs[0].logprob, -0.5)
     assert a.logprobs[0].top_logprobs[1].logprob == -9999.0  # -inf clamped
     assert b.finish_reason == pb.FINISH_REASON_TOOL_CALLS
-    assert json.loads(b.tool_calls_json)[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert json.loads(b.tool_calls_json)[0]["function"] == {
+        "name": "get_weather",
+        "arguments": '{"city": "Oslo"}',
+    }
     last = step_to_proto(Step([], usage=Usage(5, 7)))
     assert not last.choices and (last.usage.prompt_tokens, last.usage.completion_tokens) == (5, 7)
-    assert step_to_proto(Step([ChoiceStep(0, finish_reason=FinishReason.LENGTH)])).choices[0].finish_reason == pb.FINISH_REASON_LENGTH
+    assert (
+        step_to_proto(Step([ChoiceStep(0, finish_reason=FinishReason.LENGTH)]))
+        .choices[0]
+        .finish_reason
+        == pb.FINISH_REASON_LENGTH
+    )
 
 
 # ---------------------------------------------------------------- domain -> vLLM
@@ -125,8 +167,18 @@ def test_sampling_params_for_vllm():
     from fmapi_generation.engine import to_sampling_params
 
     sp = to_sampling_params(
-        EngineSampling(max_tokens=12, n=2, temperature=0.3, top_p=0.9, top_k=5, stop=["END"], seed=7,
-                       presence_penalty=0.1, frequency_penalty=0.2, logprobs=3)
+        EngineSampling(
+            max_tokens=12,
+            n=2,
+            temperature=0.3,
+            top_p=0.9,
+            top_k=5,
+            stop=["END"],
+            seed=7,
+            presence_penalty=0.1,
+            frequency_penalty=0.2,
+            logprobs=3,
+        )
     )
     assert (sp.max_tokens, sp.n, sp.top_k, sp.seed, sp.logprobs) == (12, 2, 5, 7, 3)
     assert math.isclose(sp.temperature, 0.3) and math.isclose(sp.top_p, 0.9)
@@ -158,7 +210,12 @@ def test_vllm_output_to_choice_step():
         finish_reason="length",
     )
     step = to_choice_step(out, 2)
-    assert (step.index, step.text, step.num_tokens, step.finish_reason) == (1, " world", 2, FinishReason.LENGTH)
+    assert (step.index, step.text, step.num_tokens, step.finish_reason) == (
+        1,
+        " world",
+        2,
+        FinishReason.LENGTH,
+    )
     first, second = step.logprobs
     assert (first.token, first.logprob) == (" wor", -2.0)
     assert [(t.token, t.logprob) for t in first.top] == [(" the", -0.1), (" a", -1.0)]
@@ -200,7 +257,9 @@ def test_template_errors_are_invalid_argument(tokenizer):
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}ok"
     with pytest.raises(InvalidArgument) as ei:
         r.render_chat([{"role": "assistant", "content": "x"}], template=strict)
-    assert ei.value.param == "messages" and "first message must be from the user" in ei.value.message
+    assert (
+        ei.value.param == "messages" and "first message must be from the user" in ei.value.message
+    )
 
 
 def test_model_without_template_says_how_to_fix(tokenizer):
@@ -229,9 +288,13 @@ def test_required_schema_accepts_exactly_the_tools_calls():
 
 
 def test_parse_forced_outputs():
-    (call,) = toolcalls.parse_forced('{"name":"get_time","arguments":{"tz":"UTC"}}', [WEATHER, TIME], None)
+    (call,) = toolcalls.parse_forced(
+        '{"name":"get_time","arguments":{"tz":"UTC"}}', [WEATHER, TIME], None
+    )
     assert call["type"] == "function" and call["id"].startswith("call_")
-    assert call["function"]["name"] == "get_time" and json.loads(call["function"]["arguments"]) == {"tz": "UTC"}
+    assert call["function"]["name"] == "get_time" and json.loads(call["function"]["arguments"]) == {
+        "tz": "UTC"
+    }
     (call,) = toolcalls.parse_forced('{"city":"Oslo","unit":"f"}', [WEATHER], "get_weather")
     assert json.loads(call["function"]["arguments"]) == {"city": "Oslo", "unit": "f"}
     # Cut short by max_tokens: no call.
@@ -244,10 +307,14 @@ def test_parse_auto_with_a_vllm_parser(tokenizer):
     parser = ToolParserManager.get_tool_parser("hermes")(tokenizer)
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": TIME.parameters}}]
     content, calls = toolcalls.parse_auto(
-        parser, 'Let me check. <tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>', tools
+        parser,
+        'Let me check. <tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call>',
+        tools,
     )
     assert content.strip() == "Let me check."
-    assert calls[0]["function"]["name"] == "get_time" and json.loads(calls[0]["function"]["arguments"]) == {"tz": "UTC"}
+    assert calls[0]["function"]["name"] == "get_time" and json.loads(
+        calls[0]["function"]["arguments"]
+    ) == {"tz": "UTC"}
     content, calls = toolcalls.parse_auto(parser, "It is noon.", tools)
     assert (content, calls) == ("It is noon.", None)
 

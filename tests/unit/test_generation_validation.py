@@ -30,9 +30,11 @@ def chat(*msgs, **kw) -> GenerateInput:
     return GenerateInput(messages=messages, sampling=sampling, **kw)
 
 
-def bad(req: GenerateInput, param: str, *words: str, limits: Limits = Limits()) -> InvalidArgument:
+def bad(
+    req: GenerateInput, param: str, *words: str, limits: Limits | None = None
+) -> InvalidArgument:
     with pytest.raises(InvalidArgument) as ei:
-        validate(req, limits)
+        validate(req, limits or Limits())
     err = ei.value
     assert err.param == param, (err.param, err.message)
     for w in words:
@@ -49,7 +51,9 @@ def test_defaults_follow_openai():
 
 
 def test_valid_chat_keeps_roles_and_maps_developer_to_system():
-    plan = validate(chat(("developer", "be brief"), ("user", "hi"), ("assistant", "hello"), ("tool", "42")))
+    plan = validate(
+        chat(("developer", "be brief"), ("user", "hi"), ("assistant", "hello"), ("tool", "42"))
+    )
     assert [m["role"] for m in plan.messages] == ["system", "user", "assistant", "tool"]
     assert plan.input_param == "messages" and plan.tool_mode == ToolMode.NONE
 
@@ -84,8 +88,17 @@ def test_in_range_edges_pass():
         GenerateInput(
             prompt="x",
             sampling=Sampling(
-                temperature=0, top_p=1, top_k=-1, n=16, max_tokens=1, presence_penalty=-2,
-                frequency_penalty=2, logprobs=True, top_logprobs=20, seed=-1, stop=["a", "b"],
+                temperature=0,
+                top_p=1,
+                top_k=-1,
+                n=16,
+                max_tokens=1,
+                presence_penalty=-2,
+                frequency_penalty=2,
+                logprobs=True,
+                top_logprobs=20,
+                seed=-1,
+                stop=["a", "b"],
             ),
         )
     ).sampling
@@ -93,12 +106,19 @@ def test_in_range_edges_pass():
 
 
 def test_logprobs_without_alternatives():
-    assert validate(GenerateInput(prompt="x", sampling=Sampling(logprobs=True))).sampling.logprobs == 0
+    assert (
+        validate(GenerateInput(prompt="x", sampling=Sampling(logprobs=True))).sampling.logprobs == 0
+    )
 
 
 def test_messages_checks():
     bad(GenerateInput(messages=[]), "messages", "at least one")
-    bad(chat(("user", "hi"), ("wizard", "abracadabra")), "messages[1].role", "wizard", "system, user")
+    bad(
+        chat(("user", "hi"), ("wizard", "abracadabra")),
+        "messages[1].role",
+        "wizard",
+        "system, user",
+    )
     bad(GenerateInput(), "messages", "prompt or messages")
     bad(chat(echo=True), "echo", "completions")
     req = chat()
@@ -118,11 +138,15 @@ def test_response_formats():
     s = validate(
         GenerateInput(
             prompt="x",
-            sampling=Sampling(response_format=ResponseFormat.JSON_SCHEMA, json_schema=json.dumps(schema)),
+            sampling=Sampling(
+                response_format=ResponseFormat.JSON_SCHEMA, json_schema=json.dumps(schema)
+            ),
         )
     ).sampling
     assert s.json_schema == schema
-    s = validate(GenerateInput(prompt="x", sampling=Sampling(response_format=ResponseFormat.JSON_OBJECT))).sampling
+    s = validate(
+        GenerateInput(prompt="x", sampling=Sampling(response_format=ResponseFormat.JSON_OBJECT))
+    ).sampling
     assert s.json_object and s.json_schema is None
 
 
@@ -133,11 +157,16 @@ def test_response_formats():
         ("{not json", ["not valid JSON"]),
         ('"a string"', ["JSON schema object"]),
         ('{"type": "banana"}', ["not a valid JSON schema", "type"]),
-        ('{"type": "object", "properties": {"a": {"minimum": "zero"}}}', ["not a valid JSON schema"]),
+        (
+            '{"type": "object", "properties": {"a": {"minimum": "zero"}}}',
+            ["not a valid JSON schema"],
+        ),
     ],
 )
 def test_bad_json_schema(raw, words):
-    req = GenerateInput(prompt="x", sampling=Sampling(response_format=ResponseFormat.JSON_SCHEMA, json_schema=raw))
+    req = GenerateInput(
+        prompt="x", sampling=Sampling(response_format=ResponseFormat.JSON_SCHEMA, json_schema=raw)
+    )
     bad(req, "response_format.json_schema", *words)
 
 
@@ -156,7 +185,10 @@ def tools_req(choice: str, tools=(WEATHER,), **kw) -> GenerateInput:
 def test_tool_choice_modes():
     plan = validate(tools_req("required"))
     assert plan.tool_mode == ToolMode.REQUIRED and plan.forced_tool
-    assert plan.tools[0].name == "get_weather" and plan.template_tools()[0]["function"]["name"] == "get_weather"
+    assert (
+        plan.tools[0].name == "get_weather"
+        and plan.template_tools()[0]["function"]["name"] == "get_weather"
+    )
     plan = validate(tools_req("get_weather"))
     assert (plan.tool_mode, plan.tool_name) == (ToolMode.NAMED, "get_weather")
     plan = validate(tools_req('{"type": "function", "function": {"name": "get_weather"}}'))
@@ -180,11 +212,17 @@ def test_tool_definition_errors():
     bad(chat(tools_json="{"), "tools", "not valid JSON")
     bad(chat(tools_json='{"a": 1}'), "tools", "list")
     bad(tools_req("required", tools=[{"type": "retrieval"}]), "tools[0].type", "function")
-    bad(tools_req("required", tools=[{"type": "function", "function": {"name": "has space"}}]),
-        "tools[0].function.name")
+    bad(
+        tools_req("required", tools=[{"type": "function", "function": {"name": "has space"}}]),
+        "tools[0].function.name",
+    )
     bad(tools_req("required", tools=[WEATHER, WEATHER]), "tools[1].function.name", "twice")
     broken = {"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}
-    bad(tools_req("required", tools=[broken]), "tools[0].function.parameters", "not a valid JSON schema")
+    bad(
+        tools_req("required", tools=[broken]),
+        "tools[0].function.parameters",
+        "not a valid JSON schema",
+    )
 
 
 def test_tool_without_parameters_gets_an_empty_object_schema():

@@ -49,7 +49,9 @@ class PromptRenderer:
             )
         except TemplateSyntaxError as exc:
             param = "chat_template" if template else "messages"
-            raise InvalidArgument(f"the chat template does not compile: {exc}", param=param) from None
+            raise InvalidArgument(
+                f"the chat template does not compile: {exc}", param=param
+            ) from None
         except TemplateError as exc:
             # Templates reject conversations they cannot render (e.g. roles out of order).
             raise InvalidArgument(

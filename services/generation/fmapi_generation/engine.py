@@ -100,7 +100,7 @@ def to_choice_step(out: Any, top_n: int | None, tokenizer: Any = None) -> Choice
     """A vLLM ``CompletionOutput`` (delta mode) as a :class:`ChoiceStep`."""
     logprobs: list[TokenLogprob] = []
     if top_n is not None and out.logprobs:
-        for token_id, alts in zip(out.token_ids, out.logprobs):
+        for token_id, alts in zip(out.token_ids, out.logprobs, strict=False):
             chosen = alts.get(token_id)
             # vLLM returns the sampled token plus the top_n most likely, each with its rank.
             ranked = sorted(
@@ -111,9 +111,10 @@ def to_choice_step(out: Any, top_n: int | None, tokenizer: Any = None) -> Choice
                 TokenLogprob(
                     token=_token_text(chosen, token_id, tokenizer),
                     logprob=chosen.logprob if chosen is not None else float("-inf"),
-                    top=[TopLogprob(_token_text(lp, tid, tokenizer), lp.logprob) for tid, lp in ranked][
-                        :top_n
-                    ],
+                    top=[
+                        TopLogprob(_token_text(lp, tid, tokenizer), lp.logprob)
+                        for tid, lp in ranked
+                    ][:top_n],
                 )
             )
     return ChoiceStep(
@@ -220,7 +221,9 @@ class VllmEngine:
             param = getattr(exc, "parameter", None)
             if param is None and params.structured_outputs is not None:
                 param = "response_format"
-            raise InvalidArgument(f"the model engine refused the request: {exc}", param=param) from None
+            raise InvalidArgument(
+                f"the model engine refused the request: {exc}", param=param
+            ) from None
         except EngineDeadError:
             raise Unavailable("the model engine stopped; this replica is restarting") from None
         finally:

@@ -270,7 +270,11 @@ def _convert_hf(src: Path, out: Path, bar) -> None:
     """Copy a Hugging Face directory; weights not in safetensors are converted."""
     bar.set_postfix_str("tokenizer")
     for p in src.iterdir():
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".bin", ".pt", ".pth")):
+        if (
+            p.is_file()
+            and not p.name.startswith(".")
+            and not p.name.endswith((".bin", ".pt", ".pth"))
+        ):
             shutil.copy2(p, out / p.name)
     bar.update(1)
     bar.set_postfix_str("weights")

@@ -65,7 +65,9 @@ def read_chat_template(config: GenerationConfig) -> str | None:
     try:
         return Path(config.chat_template).read_text()
     except OSError as exc:
-        raise SystemExit(f"generation: cannot read chat template {config.chat_template}: {exc}") from None
+        raise SystemExit(
+            f"generation: cannot read chat template {config.chat_template}: {exc}"
+        ) from None
 
 
 def chat_stop(config: GenerationConfig) -> list[str]:

@@ -79,7 +79,9 @@ class GenerationService:
         self.inflight += 1
         try:
             if plan.echo:
-                yield Step([ChoiceStep(index=i, text=prompt_text) for i in range(sampling.n * copies)])
+                yield Step(
+                    [ChoiceStep(index=i, text=prompt_text) for i in range(sampling.n * copies)]
+                )
             buffered = plan.tool_mode in (ToolMode.REQUIRED, ToolMode.NAMED, ToolMode.AUTO)
             held: dict[int, _Buffered] = {}
             json_out = sampling.json_schema is not None or sampling.json_object

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+from opentelemetry import trace
+
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.generation.v1 import generation_pb2_grpc
 
@@ -89,7 +91,9 @@ def choice_to_proto(c: ChoiceStep) -> pb.ChoiceDelta:
             pb.TokenLogprob(
                 token=lp.token,
                 logprob=_logprob(lp.logprob),
-                top_logprobs=[pb.TopLogprob(token=t.token, logprob=_logprob(t.logprob)) for t in lp.top],
+                top_logprobs=[
+                    pb.TopLogprob(token=t.token, logprob=_logprob(t.logprob)) for t in lp.top
+                ],
             )
             for lp in c.logprobs
         ],
@@ -113,7 +117,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.service = service
 
     async def Generate(self, request, context):
+        span = trace.get_current_span()  # the gRPC server span
+        span.set_attribute("gen_ai.request.model", self.service.engine.model)
         async for step in self.service.generate(request_from_proto(request)):
+            if step.usage is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", step.usage.prompt_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", step.usage.completion_tokens)
             yield step_to_proto(step)
 
     async def GetModelInfo(self, request, context):

@@ -43,7 +43,11 @@ def new_call_id() -> str:
 
 def tool_call(name: str, arguments: str) -> dict[str, Any]:
     """One tool call in OpenAI's shape (``arguments`` is a JSON string)."""
-    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {
+        "id": new_call_id(),
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
 
 
 def parse_forced(text: str, tools: list[Tool], name: str | None) -> list[dict[str, Any]] | None:
@@ -77,7 +81,5 @@ def parse_auto(
     info = parser.extract_tool_calls(text, request)
     if not info.tools_called or not info.tool_calls:
         return text, None
-    calls = [
-        tool_call(c.function.name, c.function.arguments or "{}") for c in info.tool_calls
-    ]
+    calls = [tool_call(c.function.name, c.function.arguments or "{}") for c in info.tool_calls]
     return info.content or None, calls

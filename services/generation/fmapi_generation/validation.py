@@ -84,7 +84,10 @@ class Plan:
         ]
 
 
-def validate(req: GenerateInput, limits: Limits = Limits()) -> Plan:
+DEFAULT_LIMITS = Limits()
+
+
+def validate(req: GenerateInput, limits: Limits = DEFAULT_LIMITS) -> Plan:
     """Check a request and return its plan, or raise InvalidArgument."""
     if req.prompt is None and req.messages is None:
         raise InvalidArgument("the request needs a prompt or messages", param="messages")
@@ -232,7 +235,7 @@ def parse_tool_choice(raw: str, tools: list[Tool], limits: Limits) -> tuple[str,
             choice = obj["function"]["name"]
         except (ValueError, KeyError, TypeError):
             raise InvalidArgument(
-                'tool_choice must be none, auto, required, a function name or '
+                "tool_choice must be none, auto, required, a function name or "
                 '{"type": "function", "function": {"name": ...}}',
                 param="tool_choice",
             ) from None
@@ -283,7 +286,9 @@ def validate_sampling(req: GenerateInput, limits: Limits) -> EngineSampling:
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _number(getattr(s, name), name)
     if s.max_tokens is not None and s.max_tokens < 1:
-        raise InvalidArgument(f"max_tokens must be at least 1, got {s.max_tokens}", param="max_tokens")
+        raise InvalidArgument(
+            f"max_tokens must be at least 1, got {s.max_tokens}", param="max_tokens"
+        )
     temperature = 1.0 if s.temperature is None else float(s.temperature)
     if not 0.0 <= temperature <= 2.0:
         raise InvalidArgument(
@@ -381,7 +386,9 @@ def check_json_schema(schema: Any, param: str) -> None:
     except exceptions.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         at = f" at {where}" if where else ""
-        raise InvalidArgument(f"{param} is not a valid JSON schema{at}: {exc.message}", param=param) from None
+        raise InvalidArgument(
+            f"{param} is not a valid JSON schema{at}: {exc.message}", param=param
+        ) from None
 
 
 # ---------------------------------------------------------------- lengths
