@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from fmapi_common.errors import InvalidArgument
@@ -44,6 +45,9 @@ class GenerationService:
         self.chat_stop = list(chat_stop or [])
         self.renderer = PromptRenderer(engine.tokenizer, chat_template, model=engine.model)
         self.inflight = 0
+        # Templates and tokenization run off the event loop, one at a time: a Hugging Face
+        # fast tokenizer shared between threads can fail with "Already borrowed".
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt")
 
     def prepare(self, plan: Plan) -> tuple[list[int], str]:
         """Prompt token ids and prompt text (CPU work: run off the event loop)."""
@@ -60,7 +64,8 @@ class GenerationService:
 
     async def generate(self, req: GenerateInput) -> AsyncIterator[Step]:
         plan = validate(req, self.limits)
-        prompt_ids, prompt_text = await asyncio.to_thread(self.prepare, plan)
+        loop = asyncio.get_running_loop()
+        prompt_ids, prompt_text = await loop.run_in_executor(self._prep, self.prepare, plan)
         max_tokens = resolve_max_tokens(
             len(prompt_ids), plan.max_tokens, self.engine.max_model_len, plan.input_param
         )
