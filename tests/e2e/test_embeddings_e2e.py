@@ -6,7 +6,6 @@ import base64
 import secrets
 
 import grpc
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -14,18 +13,6 @@ import pytest
 from fmapi.inference.v1 import inference_pb2, inference_pb2_grpc
 
 MODEL = "all-minilm-l6-v2"
-
-
-@pytest.fixture(scope="module")
-def client(system):
-    return openai.OpenAI(base_url=f"{system.base_url}/v1", api_key=system.admin_token, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def http(system):
-    headers = {"authorization": f"Bearer {system.admin_token}"}
-    with httpx.Client(base_url=system.base_url, timeout=60, headers=headers) as c:
-        yield c
 
 
 def grpc_auth(system):

@@ -7,7 +7,6 @@ import json
 import time
 
 import grpc
-import httpx
 import jsonschema
 import openai
 import pytest
@@ -18,18 +17,6 @@ from fmapi.inference.v1 import inference_pb2, inference_pb2_grpc
 CHAT = "tiny-chat"
 COMPLETIONS = "tiny-completions"
 HELLO = [{"role": "user", "content": "hello there, how are you today"}]
-
-
-@pytest.fixture(scope="module")
-def client(system):
-    return openai.OpenAI(base_url=f"{system.base_url}/v1", api_key=system.admin_token, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def http(system):
-    headers = {"authorization": f"Bearer {system.admin_token}"}
-    with httpx.Client(base_url=system.base_url, timeout=120, headers=headers) as c:
-        yield c
 
 
 def greedy(client, **kw):
