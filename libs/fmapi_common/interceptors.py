@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterable
 
 import grpc
 
@@ -13,13 +14,22 @@ log = logging.getLogger(__name__)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns :class:`FmapiError` into its rich status, and anything else into INTERNAL."""
+    """Turns :class:`FmapiError` into its rich status, and anything else into INTERNAL.
+
+    ``exclude_methods`` (full names, ``/package.Service/Method``) are left unwrapped: hot paths
+    that never raise (they map every error into their response themselves).
+    """
+
+    def __init__(self, *, exclude_methods: Iterable[str] = ()) -> None:
+        self._excluded = frozenset(exclude_methods)
 
     async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method in self._excluded:
+            return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
         if handler.unary_unary:
             inner = handler.unary_unary
 

@@ -79,14 +79,22 @@ async def start_grpc_service(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     *,
     serving: bool = True,
+    bare_methods: Iterable[str] = (),
 ) -> GrpcService:
     """Build, bind and start a server.
 
     ``register`` adds the servicers and returns their full service names (for health and
     reflection). With ``serving=False`` health answers NOT_SERVING until ``set_serving(True)``.
+    ``bare_methods`` (full names, ``/package.Service/Method``) skip the tracing and error-mapping
+    interceptors: per-request hot paths that map their own errors and whose caller traces them
+    (Envoy's ext_authz ``Check``); every other method keeps both.
     """
+    bare = tuple(bare_methods)
     server = grpc.aio.server(
-        interceptors=[*server_interceptors(), ErrorInterceptor()],
+        interceptors=[
+            *server_interceptors(exclude_methods=bare),
+            ErrorInterceptor(exclude_methods=bare),
+        ],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -43,10 +43,18 @@ def shutdown_telemetry() -> None:
         provider.shutdown()
 
 
-def server_interceptors() -> list:
+def server_interceptors(*, exclude_methods: Iterable[str] = ()) -> list:
+    """The tracing server interceptor: one span per call, continuing the caller's trace.
+
+    ``exclude_methods`` (full names, ``/package.Service/Method``) get no span: hot paths whose
+    caller traces them itself, such as Envoy's external authorization ``Check``.
+    """
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor()]
+    excluded = frozenset(exclude_methods)
+    if not excluded:
+        return [aio_server_interceptor()]
+    return [aio_server_interceptor(filter_=lambda details: details.method not in excluded)]
 
 
 def client_interceptors() -> list:
