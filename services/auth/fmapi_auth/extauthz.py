@@ -15,17 +15,25 @@ Envoy asks before forwarding any request. The answer:
 
 Scope is checked here when the endpoint is in the path; for endpoints named in the body (OpenAI
 ``model``, gRPC requests) the gateway checks the exported ``x-fmapi-scopes`` itself.
+
+Check runs before every request, so its allow path is kept cheap: path rules are memoised, and a
+token's signed identity headers (and the CheckResponse carrying them) are reused for up to
+``identity_reuse_seconds`` (1 s by default; the gateway accepts signatures up to 60 s old).
+Reuse never skips a decision: every request still authenticates its token (cache and revocation
+rules of :class:`~fmapi_auth.tokens.TokenStore`) and checks its scope; only the HMAC and the
+response building are shared, and only while the token's record is unchanged.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from urllib.parse import quote, unquote
 
@@ -52,6 +60,9 @@ from .tokens import TokenRecord, TokenStore
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+#: Envoy calls this once per request: it is served without the generic interceptors (it maps
+#: every error into its own answer, and Envoy's request is what a trace would show).
+CHECK_METHOD = f"/{SERVICE_NAME}/Check"
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -94,7 +105,14 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 def classify(method: str, path: str) -> Rule:
     """What a request to ``method path`` needs (``path`` may carry a query string)."""
     method = (method or "GET").upper()
-    p = unquote(path.split("?", 1)[0].split("#", 1)[0]) or "/"
+    raw_path = path.split("?", 1)[0].split("#", 1)[0]
+    if len(method) + len(raw_path) > _MEMO_MAX_LEN:
+        return _classify(method, raw_path)
+    return _classify_memo(method, raw_path)
+
+
+def _classify(method: str, raw_path: str) -> Rule:
+    p = unquote(raw_path) or "/"
     segments = p.split("/")
     if ".." in segments or "." in segments:
         raise InvalidArgument("request path must not contain '.' or '..' segments")
@@ -122,6 +140,12 @@ def classify(method: str, path: str) -> Rule:
     return Rule(Access.TOKEN)
 
 
+# The rule depends on the method and path alone: remember it for the paths clients repeat (a
+# refused path raises and is not remembered; long paths are never kept, so memory stays small).
+_MEMO_MAX_LEN = 256
+_classify_memo = functools.lru_cache(maxsize=1024)(_classify)
+
+
 def bearer_token(authorization: str | None) -> str:
     """The secret in an ``Authorization: Bearer <secret>`` value."""
     if authorization is None or not authorization.strip():
@@ -138,7 +162,6 @@ def bearer_token(authorization: str | None) -> str:
 
 def authorize(rule: Rule, rec: TokenRecord) -> None:
     """Raise :class:`PermissionDenied` unless ``rec`` may do what ``rule`` needs."""
-    idt = rec.identity()
     if rule.access in (Access.PUBLIC, Access.TOKEN):
         return
     if rule.access is Access.ADMIN:
@@ -152,7 +175,7 @@ def authorize(rule: Rule, rec: TokenRecord) -> None:
     assert rule.endpoint is not None
     if rule.access is Access.READ and rec.admin:
         return
-    if not idt.may_query(rule.endpoint):
+    if not ident.may_query(rec.endpoints, rule.endpoint):
         raise PermissionDenied(
             f"this API token may not query endpoint '{rule.endpoint}'", param="endpoint"
         )
@@ -226,21 +249,35 @@ def allowed(
 
     The removals never name a header we set (Envoy applies removals after additions).
     """
-    remove = [
-        h
-        for h in client_headers
-        if h.startswith(ident.HEADER_PREFIX) and h not in identity_headers
-    ]
-    remove += [h for h in strip if h in client_headers and h not in identity_headers]
+    return _ok_response(
+        [_option(k, v) for k, v in identity_headers.items()],
+        _removals(client_headers, identity_headers, strip),
+        _struct(metadata) if metadata else None,
+    )
+
+
+def _removals(
+    client_headers: Mapping[str, str],
+    keep: Mapping[str, str] | frozenset[str],
+    strip: tuple[str, ...],
+) -> tuple[str, ...]:
+    """Client headers to remove: every ``x-fmapi-*`` one and those in ``strip``, except ``keep``."""
+    remove = {h for h in client_headers if h.startswith(ident.HEADER_PREFIX) and h not in keep}
+    remove.update(h for h in strip if h in client_headers and h not in keep)
+    return tuple(sorted(remove))
+
+
+def _ok_response(
+    options: list[base_pb2.HeaderValueOption],
+    remove: tuple[str, ...],
+    metadata: struct_pb2.Struct | None,
+) -> external_auth_pb2.CheckResponse:
     resp = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=0),
-        ok_response=external_auth_pb2.OkHttpResponse(
-            headers=[_option(k, v) for k, v in identity_headers.items()],
-            headers_to_remove=sorted(set(remove)),
-        ),
+        ok_response=external_auth_pb2.OkHttpResponse(headers=options, headers_to_remove=remove),
     )
-    if metadata:
-        resp.dynamic_metadata.CopyFrom(_struct(metadata))
+    if metadata is not None:
+        resp.dynamic_metadata.CopyFrom(metadata)
     return resp
 
 
@@ -262,8 +299,31 @@ def request_headers(http) -> dict[str, str]:
     return {k.lower(): v for k, v in http.headers.items()}
 
 
+_IDENTITY_HEADERS = frozenset(ident.ALL_HEADERS)
+# Distinct removal lists whose responses are kept per token (clients normally send one shape).
+_SHAPES_PER_TOKEN = 4
+_MAX_VOUCHED = 10_000
+
+
+@dataclass
+class _Vouched:
+    """A token's signed identity headers and the allow responses that carry them."""
+
+    record: TokenRecord
+    signed_at: float
+    options: list[base_pb2.HeaderValueOption]
+    metadata: struct_pb2.Struct
+    responses: dict[tuple[str, ...], external_auth_pb2.CheckResponse] = field(
+        default_factory=dict
+    )
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    """Envoy's Check, against the token store."""
+    """Envoy's Check, against the token store.
+
+    ``identity_reuse_seconds``: how long a token's signed identity headers (and the response
+    carrying them) may be reused; 0 signs every request.
+    """
 
     def __init__(
         self,
@@ -272,26 +332,30 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         *,
         strip_authorization: bool = True,
         clock: Callable[[], float] = time.time,
+        identity_reuse_seconds: float = 1.0,
     ) -> None:
+        if not 0 <= identity_reuse_seconds <= 1.0:
+            raise ValueError("identity_reuse_seconds must be between 0 and 1")
         self._store = store
         self._key = identity_key
         self._strip = ("authorization",) if strip_authorization else ()
         self._clock = clock
+        self._reuse = identity_reuse_seconds
+        self._vouched: dict[str, _Vouched] = {}  # token sha256 -> its current signed identity
 
     async def Check(self, request, context):  # noqa: N802 - gRPC method name
         http = request.attributes.request.http
         headers = request_headers(http)
         path = http.path or headers.get(":path", "/")
         method = http.method or headers.get(":method", "GET")
-        grpc = _is_grpc(headers)
         try:
             return await self._check(method, path, headers)
         except FmapiError as err:
             log.debug("denied %s %s: %s", method, path.split("?", 1)[0], err.message)
-            return denied(err, grpc=grpc)
+            return denied(err, grpc=_is_grpc(headers))
         except Exception:  # noqa: BLE001 - never let a bug turn into an allow
             log.exception("ext_authz check failed for %s %s", method, path.split("?", 1)[0])
-            return denied(Internal("authorization failed"), grpc=grpc)
+            return denied(Internal("authorization failed"), grpc=_is_grpc(headers))
 
     async def _check(self, method: str, path: str, headers: dict[str, str]):
         rule = classify(method, path)
@@ -306,10 +370,36 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 retry_after=1.0,
             ) from None
         authorize(rule, rec)
-        signed = ident.sign_identity(rec.identity(), self._key, self._clock())
-        return allowed(
-            headers,
-            signed,
-            strip=self._strip,
-            metadata={"principal": rec.principal, "workspace": rec.workspace, "token_id": rec.id},
+        return self._allow(rec, headers)
+
+    def _allow(self, rec: TokenRecord, headers: Mapping[str, str]):
+        """The allow response for ``rec``: its signed identity, reused while fresh."""
+        now = self._clock()
+        v = self._vouched.get(rec.sha256)
+        # Re-sign when the record changed in any way, when the signature is older than the reuse
+        # window, or when the clock went backwards.
+        if v is None or v.record != rec or not 0 <= now - v.signed_at < self._reuse:
+            v = self._vouch(rec, now)
+        remove = _removals(headers, _IDENTITY_HEADERS, self._strip)
+        resp = v.responses.get(remove)
+        if resp is None:
+            resp = _ok_response(v.options, remove, v.metadata)
+            if len(v.responses) < _SHAPES_PER_TOKEN:
+                v.responses[remove] = resp
+        return resp
+
+    def _vouch(self, rec: TokenRecord, now: float) -> _Vouched:
+        signed = ident.sign_identity(rec.identity(), self._key, now)
+        v = _Vouched(
+            record=rec,
+            signed_at=now,
+            options=[_option(k, val) for k, val in signed.items()],
+            metadata=_struct(
+                {"principal": rec.principal, "workspace": rec.workspace, "token_id": rec.id}
+            ),
         )
+        if self._reuse > 0:
+            if len(self._vouched) >= _MAX_VOUCHED:
+                self._vouched.clear()
+            self._vouched[rec.sha256] = v
+        return v

@@ -78,13 +78,18 @@ async def start(config: AuthConfig) -> tuple[GrpcService, TokenStore]:
         auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer.AuthServicer(store), server)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             extauthz.AuthorizationServicer(
-                store, key, strip_authorization=config.strip_authorization
+                store,
+                key,
+                strip_authorization=config.strip_authorization,
+                identity_reuse_seconds=config.identity_reuse_seconds,
             ),
             server,
         )
         return [servicer.SERVICE_NAME, extauthz.SERVICE_NAME]
 
-    svc = await start_grpc_service(config, register)
+    # Check answers every request Envoy sees: no span or error wrapper per call (it maps its own
+    # errors); AuthService keeps both.
+    svc = await start_grpc_service(config, register, bare_methods=[extauthz.CHECK_METHOD])
     svc.on_stop.append(store.close)
     return svc, store
 
