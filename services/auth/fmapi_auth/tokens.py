@@ -540,11 +540,13 @@ class TokenStore:
         Raises :class:`Unauthenticated` (malformed, unknown, revoked, expired) or
         :class:`Unavailable` (Redis unreachable: fail closed).
         """
-        if not is_well_formed(secret):
-            raise Unauthenticated("malformed API token: expected an fmapi_... token")
         sha = hash_secret(secret)
         rec = self._cache_get(sha)
         if rec is None:
+            # (A cached hit is a token this replica looked up, so necessarily well formed; the
+            # shape and checksum are checked before anything goes to Redis.)
+            if not is_well_formed(secret):
+                raise Unauthenticated("malformed API token: expected an fmapi_... token")
             # Concurrent requests with the same token share one Redis lookup.
             lookup = self._lookups.get(sha)
             if lookup is None:
