@@ -62,11 +62,13 @@ async def grpc_throughput(address: str) -> float:
         return await _drive(call, sentences(REQUESTS, seed=2))
 
 
-async def http_throughput(base_url: str) -> float:
+async def http_throughput(base_url: str, token: str) -> float:
     import httpx
 
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
+    headers = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60,
+                                 headers=headers) as client:
 
         async def call(text):
             r = await client.post("/v1/embeddings", json={"model": MODEL, "input": text,
@@ -78,7 +80,7 @@ async def http_throughput(base_url: str) -> float:
 
 def run() -> dict[str, float]:
     from fmapi_cli.supervisor import Supervisor
-    from fmapi_cli.system import System, SystemOptions
+    from fmapi_cli.system import ROOT, System, SystemOptions
 
     raw32 = raw_throughput(32, 1024)
     raw1 = raw_throughput(1, 192)
@@ -95,10 +97,12 @@ def run() -> dict[str, float]:
             sup.stop()
 
     with tempfile.TemporaryDirectory() as tmp:
-        system = System(SystemOptions(runtime_dir=Path(tmp), http_port=0))
+        system = System(SystemOptions(
+            runtime_dir=Path(tmp), http_port=0,
+            endpoints_file=ROOT / "infra" / "endpoints" / "embeddings-only.yaml"))
         system.start()
         try:
-            through_envoy = asyncio.run(http_throughput(system.base_url))
+            through_envoy = asyncio.run(http_throughput(system.base_url, system.admin_token))
         finally:
             system.stop()
 
