@@ -7,10 +7,12 @@ fmapi reads the environment (OpenTelemetry's standard ``OTEL_*`` variables are r
 from __future__ import annotations
 
 import sys
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .identity import parse_key
 
 C = TypeVar("C", bound="ServiceConfig")
 
@@ -29,6 +31,16 @@ class ServiceConfig(BaseSettings):
     grace_seconds: float = 5.0
     # gRPC max receive message size.
     max_message_bytes: int = 4 * 1024 * 1024
+
+
+def _valid_identity_key(v: SecretStr) -> SecretStr:
+    parse_key(v.get_secret_value())  # raises ValueError when too short
+    return v
+
+
+# The HMAC key auth signs identities with and the gateway verifies them with: hex (>= 32 hex
+# digits) or a raw string of at least 16 bytes. Read it with ``parse_key(v.get_secret_value())``.
+IdentityKey = Annotated[SecretStr, AfterValidator(_valid_identity_key)]
 
 
 def load_config(cls: type[C], argv: list[str] | None = None, prog: str | None = None) -> C:
