@@ -58,15 +58,6 @@ class Engine(Protocol):
         """True once the engine failed for good (the process should restart)."""
         ...
 
-    def _engine_input(self, prompt_ids: list[int]) -> Any:
-        """Already-tokenized prompt, through vLLM's renderer (its non-deprecated input path)."""
-        prompt = {"prompt_token_ids": prompt_ids}
-        renderer = getattr(self._llm, "renderer", None)
-        if renderer is None or not hasattr(renderer, "render_cmpl"):
-            return prompt
-        (engine_input,) = renderer.render_cmpl([prompt])
-        return engine_input
-
     async def close(self) -> None: ...
 
 
