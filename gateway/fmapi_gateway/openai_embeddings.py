@@ -17,6 +17,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_token(v) -> bool:
+    """A token id: an integer that fits the proto's int32 (the model checks its vocabulary)."""
+    return _is_int(v) and 0 <= v < 2**31
+
+
 def parse_input(value) -> list[str] | list[list[int]]:
     """Normalise OpenAI's four input shapes into a list of texts or a list of token lists."""
     if value is None:
@@ -29,9 +34,9 @@ def parse_input(value) -> list[str] | list[list[int]]:
         raise InvalidArgument("'input' must not be empty", param="input")
     if all(isinstance(v, str) for v in value):
         return value
-    if all(_is_int(v) for v in value):
+    if all(_is_token(v) for v in value):
         return [value]
-    if all(isinstance(v, list) and all(_is_int(t) for t in v) for v in value):
+    if all(isinstance(v, list) and all(_is_token(t) for t in v) for v in value):
         return value
     raise InvalidArgument(f"'input' must be {_INPUT_SHAPES}", param="input")
 
@@ -47,7 +52,7 @@ def parse_request(body: dict, endpoint: str | None) -> dict:
             f"'encoding_format' must be 'float' or 'base64', not {fmt!r}", param="encoding_format"
         )
     dims = body.get("dimensions")
-    if dims is not None and (not _is_int(dims) or dims < 1):
+    if dims is not None and (not _is_int(dims) or not 1 <= dims < 2**31):
         raise InvalidArgument("'dimensions' must be a positive integer", param="dimensions")
     instruction = body.get("instruction")
     if instruction is not None and not isinstance(instruction, str):

@@ -27,7 +27,8 @@ _FORMATS = {
 }
 
 
-def _num(body: dict, key: str, kind=float):
+def _num(body: dict, key: str, kind=float, bits: int = 32):
+    """A number from the body; integers must also fit the proto field (``bits``-bit signed)."""
     v = body.get(key)
     if v is None:
         return None
@@ -36,6 +37,8 @@ def _num(body: dict, key: str, kind=float):
         ok = ok and float(v).is_integer()
     if not ok:
         raise InvalidArgument(f"'{key}' must be {'an integer' if kind is int else 'a number'}", param=key)
+    if kind is int and not -(2 ** (bits - 1)) <= int(v) < 2 ** (bits - 1):
+        raise InvalidArgument(f"'{key}' is out of range", param=key)
     return kind(v)
 
 
@@ -90,7 +93,7 @@ def _sampling(body: dict, default_max_tokens: int) -> tuple[pb.SamplingParams, b
         s.top_k = v
     if (v := _num(body, "n", int)) is not None:
         s.n = v
-    if (v := _num(body, "seed", int)) is not None:
+    if (v := _num(body, "seed", int, bits=64)) is not None:
         s.seed = v
     for key in ("presence_penalty", "frequency_penalty"):
         if (v := _num(body, key)) is not None:

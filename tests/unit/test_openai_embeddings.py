@@ -25,7 +25,9 @@ def test_input_shapes(value, expected):
     assert parse_input(value) == expected
 
 
-@pytest.mark.parametrize("value", [None, 5, {}, [], [True, False], ["a", 1], [[1, "x"]], [1.5]])
+@pytest.mark.parametrize(
+    "value", [None, 5, {}, [], [True, False], ["a", 1], [[1, "x"]], [1.5], [[2**40]], [-1]]
+)
 def test_bad_inputs(value):
     with pytest.raises(InvalidArgument) as exc:
         parse_input(value)
