@@ -61,9 +61,11 @@ class TokensApi:
             return v
 
         lifetime = opt("lifetime_seconds", int, 0)
-        if lifetime < 0:
-            raise InvalidArgument("'lifetime_seconds' must be positive (or 0 for no expiry)",
-                                  param="lifetime_seconds")
+        if not 0 <= lifetime <= 100 * 365 * 86400:
+            raise InvalidArgument(
+                "'lifetime_seconds' must be between 0 (no expiry) and 100 years",
+                param="lifetime_seconds",
+            )
         kind = opt("principal_kind", str, caller.principal_kind)
         if kind not in _KINDS:
             raise InvalidArgument("'principal_kind' must be 'user' or 'service_principal'",
