@@ -1,17 +1,9 @@
-import asyncio
+"""``python -m fmapi_gateway``: load the config and serve until SIGTERM."""
 
-from fmapi_common.config import load_config
-from fmapi_common.logs import setup_logging
+from fmapi_common.entry import run_service
 
 from .config import GatewayConfig
 from .server import serve
 
-
-def main() -> None:
-    config = load_config(GatewayConfig, prog="fmapi-gateway")
-    setup_logging(config.log_level, "gateway")
-    asyncio.run(serve(config))
-
-
 if __name__ == "__main__":
-    main()
+    run_service(GatewayConfig, serve, "gateway")

@@ -1,26 +1,24 @@
 """``python -m fmapi_auth``: load the config and serve until SIGTERM."""
 
-import asyncio
 import logging
 
-from fmapi_common.config import load_config
+from fmapi_common.entry import run_service
 
 from .config import AuthConfig
 from .server import serve
 
 
-def main() -> None:
-    config = load_config(AuthConfig, prog="fmapi-auth")
-    run = asyncio.run
-    if config.uvloop:
-        try:
-            import uvloop
-
-            run = uvloop.run
-        except ImportError:
-            logging.getLogger("fmapi_auth").info("uvloop is not installed; using asyncio's loop")
-    run(serve(config))
+def _runner(config: AuthConfig):
+    """uvloop when the config asks for it and it is installed; else asyncio's own loop."""
+    if not config.uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logging.getLogger("fmapi_auth").info("uvloop is not installed; using asyncio's loop")
+        return None
+    return uvloop.run
 
 
 if __name__ == "__main__":
-    main()
+    run_service(AuthConfig, serve, "auth", runner=_runner)

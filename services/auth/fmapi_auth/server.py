@@ -13,7 +13,6 @@ from redis.backoff import NoBackoff
 
 from fmapi.auth.v1 import auth_pb2_grpc
 from fmapi_common.errors import Unavailable
-from fmapi_common.logs import setup_logging
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
 
@@ -95,7 +94,6 @@ async def start(config: AuthConfig) -> tuple[GrpcService, TokenStore]:
 
 
 async def serve(config: AuthConfig) -> None:
-    setup_logging(config.log_level, "auth")
     setup_telemetry("auth")
     svc, _ = await start(config)
     await svc.serve_until_signal()

@@ -1,17 +1,9 @@
-import asyncio
+"""``python -m fmapi_embedding``: load the config and serve until SIGTERM."""
 
-from fmapi_common.config import load_config
-from fmapi_common.logs import setup_logging
+from fmapi_common.entry import run_service
 
 from .config import EmbeddingConfig
 from .server import serve
 
-
-def main() -> None:
-    config = load_config(EmbeddingConfig, prog="fmapi-embedding")
-    setup_logging(config.log_level, "embedding")
-    asyncio.run(serve(config))
-
-
 if __name__ == "__main__":
-    main()
+    run_service(EmbeddingConfig, serve, "embedding")

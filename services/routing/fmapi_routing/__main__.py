@@ -1,17 +1,9 @@
-import asyncio
+"""``python -m fmapi_routing``: load the config and serve until SIGTERM."""
 
-from fmapi_common.config import load_config
-from fmapi_common.logs import setup_logging
+from fmapi_common.entry import run_service
 
 from .config import RoutingConfig
 from .server import serve
 
-
-def main() -> None:
-    config = load_config(RoutingConfig, prog="fmapi-routing")
-    setup_logging(config.log_level, "routing")
-    asyncio.run(serve(config))
-
-
 if __name__ == "__main__":
-    main()
+    run_service(RoutingConfig, serve, "routing")
