@@ -43,6 +43,7 @@ def up_command(args) -> int:
         http_port=args.port,
         admin_token_file=token_file,
         redis_data_dir=state / "redis",
+        pki_dir=state / "pki",
     )
     if args.no_generation:
         opts.endpoints_file = ROOT / "infra" / "endpoints" / "embeddings-only.yaml"

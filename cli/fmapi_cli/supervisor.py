@@ -65,6 +65,8 @@ class Supervisor:
             cwd=cwd,
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            # What children write (Redis' data, sockets, port files) is the owner's alone.
+            umask=0o077,
         )
         log.close()
         child = Child(name, proc, log_path)

@@ -2,12 +2,14 @@
 
 Used by ``fmapi dev up`` (``make run``) and by the end-to-end tests, so what the tests exercise is
 what a newcomer runs. Every service binds port 0 and reports its port through a file; Redis
-listens on a unix socket of its own; only Envoy's public port may be fixed.
+listens on a unix socket of its own; only Envoy's public port may be fixed. Every internal hop is
+mutual TLS with certificates from a private CA made here (:mod:`fmapi_common.pki`); Envoy's admin
+interface is a unix socket.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import secrets
 import shutil
 import string
@@ -17,6 +19,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
+import yaml
+
+from fmapi_common import pki
+from fmapi_common.tls import AUTH, ENVOY, GATEWAY
 
 from .supervisor import ChildFailed, Supervisor
 
@@ -50,6 +58,11 @@ class SystemOptions:
     ext_authz: bool = True
     # Keep Redis' data (tokens) across restarts in this directory; None = in memory only.
     redis_data_dir: Path | None = None
+    # The private CA and every service's certificate (made or renewed on start); default
+    # runtime_dir/pki.
+    pki_dir: Path | None = None
+    # Benchmarks only: plaintext, unauthenticated internal calls (to measure what mTLS costs).
+    tls: bool = True
     ready_timeout: float = 300.0
 
 
@@ -68,6 +81,8 @@ class System:
         self.opts = opts
         self.run_dir = Path(opts.runtime_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)
+        self.pki_dir = Path(opts.pki_dir or self.run_dir / "pki")
         self.sup = Supervisor(self.run_dir / "logs")
         self.ports: dict[str, int] = {}
         self.redis_url = ""
@@ -80,13 +95,21 @@ class System:
         path.unlink(missing_ok=True)
         return path
 
+    def _tls_env(self, prefix: str, identity: str) -> dict[str, str]:
+        if not self.opts.tls:
+            return {f"{prefix}INSECURE": "true"}
+        p = pki.paths(self.pki_dir, identity)
+        return {f"{prefix}TLS_CA_FILE": str(p.ca), f"{prefix}TLS_CERT_FILE": str(p.cert),
+                f"{prefix}TLS_KEY_FILE": str(p.key)}
+
     def _spawn(self, name: str, module: str, prefix: str, env: dict[str, str],
-               extra_ports: tuple[str, ...] = ()):
+               extra_ports: tuple[str, ...] = (), identity: str | None = None):
         """Start a service; returns a function that waits for its port(s)."""
         pf = self._port_file(name)
         files = {p: self._port_file(f"{name}-{p}") for p in extra_ports}
         child_env = {
             **self.opts.env,
+            **self._tls_env(prefix, identity or name),
             f"{prefix}PORT_FILE": str(pf),
             **{f"{prefix}{p.upper()}_PORT_FILE": str(f) for p, f in files.items()},
             **env,
@@ -111,11 +134,14 @@ class System:
             raise
 
     def _start_all(self) -> None:
+        if self.opts.tls:
+            pki.ensure_pki(self.pki_dir)
         sock = self.run_dir / "redis.sock"
         sock.unlink(missing_ok=True)
         if self.opts.redis_data_dir:
             data = Path(self.opts.redis_data_dir)
             data.mkdir(parents=True, exist_ok=True)
+            os.chmod(data, 0o700)  # tokens' hashes and every registration live here
             persistence = ["--appendonly", "yes", "--save", "", "--dir", str(data)]
         else:
             persistence = ["--appendonly", "no", "--save", "", "--dir", str(self.run_dir)]
@@ -156,11 +182,14 @@ class System:
                  "FMAPI_GENERATION_SERVED_MODEL_NAME": spec.model,
                  "FMAPI_GENERATION_ROUTING_ADDR": routing_addr,
                  "HF_HUB_OFFLINE": "1", **spec.env},
+                identity="generation",
             ))
         self._spawn(
             "gateway", "fmapi_gateway", "FMAPI_GATEWAY_",
             {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr, "FMAPI_GATEWAY_AUTH_ADDR": auth_addr,
-             "FMAPI_GATEWAY_IDENTITY_KEY": self.identity_key}, extra_ports=("http",),
+             "FMAPI_GATEWAY_IDENTITY_KEY": self.identity_key,
+             # The public gRPC API offers reflection (through Envoy, with a token).
+             "FMAPI_GATEWAY_REFLECTION": "true"}, extra_ports=("http",),
         )(30)
         for wait in waits:
             wait(self.opts.ready_timeout)
@@ -174,8 +203,8 @@ class System:
                 raise ChildFailed(f"redis-server did not start:\n{child.tail()}")
             time.sleep(0.02)
 
-    def _start_envoy(self) -> None:
-        cfg = string.Template(ENVOY_TEMPLATE.read_text()).substitute(
+    def _envoy_config(self) -> dict:
+        cfg = yaml.safe_load(string.Template(ENVOY_TEMPLATE.read_text()).substitute(
             LISTEN_HOST=self.opts.listen_host,
             LISTEN_PORT=self.opts.http_port,
             GATEWAY_HTTP_PORT=self.ports["gateway-http"],
@@ -183,31 +212,46 @@ class System:
             AUTH_PORT=self.ports["auth"],
             EXT_AUTHZ_DISABLED="false" if self.opts.ext_authz else "true",
             ACCESS_LOG=str(self.run_dir / "logs" / "envoy-access.log"),
-        )
+            ADMIN_SOCKET=str(self.envoy_admin_socket),
+        ))
+        if self.opts.tls:
+            upstream = {"auth": AUTH, "gateway_grpc": GATEWAY, "gateway_http": GATEWAY}
+            for cluster in cfg["static_resources"]["clusters"]:
+                cluster["transport_socket"] = envoy_upstream_tls(
+                    pki.paths(self.pki_dir, ENVOY), upstream[cluster["name"]],
+                    h2=cluster["name"] != "gateway_http",
+                )
+        return cfg
+
+    def _start_envoy(self) -> None:
+        self.envoy_admin_socket = self.run_dir / "envoy-admin.sock"
+        self.envoy_admin_socket.unlink(missing_ok=True)
         cfg_path = self.run_dir / "envoy.yaml"
-        cfg_path.write_text(cfg)
-        admin_file = self._port_file("envoy-admin")
+        cfg_path.write_text(yaml.safe_dump(self._envoy_config(), sort_keys=False))
         envoy = self.sup.start(
             "envoy",
-            [_bin("envoy"), "-c", str(cfg_path), "--admin-address-path", str(admin_file),
-             "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"],
+            [_bin("envoy"), "-c", str(cfg_path), "--disable-hot-restart", "--log-level", "warn",
+             "--concurrency", "2"],
         )
-        admin = self.sup.wait_for_file(envoy, admin_file, 30)
-        self.envoy_admin = f"http://{admin}"
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"{self.envoy_admin}/listeners?format=json", timeout=2) as r:
-                    listeners = json.load(r)["listener_statuses"]
+                listeners = self.envoy_admin("/listeners?format=json").json()["listener_statuses"]
                 port = listeners[0]["local_address"]["socket_address"]["port_value"]
                 if port:
                     self.http_port = int(port)
                     return
-            except (urllib.error.URLError, KeyError, IndexError, ConnectionError):
+            except (httpx.HTTPError, KeyError, IndexError, ValueError):
                 pass
             if not envoy.alive() or time.monotonic() > deadline:
                 raise ChildFailed(f"envoy did not start listening:\n{envoy.tail()}")
             time.sleep(0.1)
+
+    def envoy_admin(self, path: str, method: str = "GET") -> httpx.Response:
+        """A request to Envoy's admin interface (a unix socket only this user can open)."""
+        transport = httpx.HTTPTransport(uds=str(self.envoy_admin_socket))
+        with httpx.Client(transport=transport, base_url="http://envoy-admin", timeout=5) as c:
+            return c.request(method, path)
 
     @property
     def admin_token(self) -> str:
@@ -238,3 +282,25 @@ class System:
 
     def stop(self) -> None:
         self.sup.stop()
+
+
+def envoy_upstream_tls(envoy: pki.CertPaths, upstream: str, *, h2: bool) -> dict:
+    """Envoy's side of mutual TLS to one upstream: its own certificate, and the upstream's
+    certificate must chain to our CA and name ``upstream``."""
+    context = {
+        "tls_certificates": [{"certificate_chain": {"filename": str(envoy.cert)},
+                              "private_key": {"filename": str(envoy.key)}}],
+        "validation_context": {
+            "trusted_ca": {"filename": str(envoy.ca)},
+            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": upstream}}],
+        },
+        "alpn_protocols": ["h2" if h2 else "http/1.1"],
+    }
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": upstream,
+            "common_tls_context": context,
+        },
+    }

@@ -24,8 +24,9 @@ _NO_IDENTITY = (
 )
 
 
-def verified(headers, key: bytes) -> Identity:
-    ident = verify(headers, key, time.time())
+def verified(headers, key: bytes, method: str, path: str) -> Identity:
+    """The identity auth signed for this request (``method`` and ``path`` as received)."""
+    ident = verify(headers, key, time.time(), method=method, path=path)
     if ident is None:
         raise Unauthenticated(_NO_IDENTITY, reason="unauthenticated")
     return ident
@@ -55,8 +56,11 @@ class IdentityMiddleware:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
         pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        # The path exactly as Envoy forwarded it (and as auth saw it when signing).
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
         try:
-            scope.setdefault("state", {})["identity"] = verified(pairs, self.key)
+            scope.setdefault("state", {})["identity"] = verified(pairs, self.key, scope["method"], path)
         except Unauthenticated as exc:
             return await error_response(exc)(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -7,12 +7,15 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fmapi.inference.v1 import inference_pb2, inference_pb2_grpc
 from fmapi_common.server import start_grpc_service, write_port_file
 from fmapi_common.telemetry import setup_telemetry, shutdown_telemetry
+from fmapi_common.tls import ENVOY, cert_identity
 
 from .backends import Backends
 from .config import GatewayConfig
@@ -24,6 +27,19 @@ log = logging.getLogger(__name__)
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
+class _FromEnvoyOnly(HttpToolsProtocol):
+    """HTTP over mutual TLS where the client certificate must be Envoy's: the REST API is
+    reachable only through the front door (the TLS layer already checked the CA)."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        who = cert_identity(ssl_object.getpeercert()) if ssl_object is not None else None
+        if ssl_object is not None and who != ENVOY:
+            log.warning("refused a REST connection from %s: only envoy may connect", who)
+            transport.close()
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the gateway stops both servers together."""
 
@@ -32,10 +48,26 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _https(config: GatewayConfig) -> dict:
+    """uvicorn settings for mutual TLS (nothing when running insecure)."""
+    tls = config.tls()
+    if tls is None:
+        return {"http": "httptools"}
+    tls.check()
+    return {
+        "http": _FromEnvoyOnly,
+        "ssl_certfile": tls.cert,
+        "ssl_keyfile": tls.key,
+        "ssl_ca_certs": tls.ca,
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+    }
+
+
 async def serve(config: GatewayConfig) -> None:
     setup_telemetry("gateway")
-    backends = Backends(config.routing_addr, config.backend_timeout_s)
-    tokens = TokensApi(config.auth_addr)
+    tls = config.tls()
+    backends = Backends(config.routing_addr, config.backend_timeout_s, tls)
+    tokens = TokensApi(config.auth_addr, tls)
     key = config.identity_key_bytes()
 
     def register(server):
@@ -44,7 +76,8 @@ async def serve(config: GatewayConfig) -> None:
         )
         return [SERVICE]
 
-    grpc_svc = await start_grpc_service(config, register)
+    # The public API arrives through Envoy only.
+    grpc_svc = await start_grpc_service(config, register, policy={f"/{SERVICE}/": [ENVOY]})
 
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only for
     # sockets that say they are TCP; without it every response waits ~40 ms (Nagle + delayed ACK).
@@ -58,13 +91,13 @@ async def serve(config: GatewayConfig) -> None:
         uvicorn.Config(
             build_app(config, backends, tokens),
             loop="none",
-            http="httptools",
             lifespan="off",
             access_log=False,
             server_header=False,
             log_level=config.log_level.lower(),
             timeout_keep_alive=75,
             timeout_graceful_shutdown=int(config.grace_seconds),
+            **_https(config),
         )
     )
     http_task = asyncio.create_task(http.serve(sockets=[sock]))

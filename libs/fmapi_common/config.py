@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 from typing import Annotated, TypeVar
 
-from pydantic import AfterValidator, SecretStr, ValidationError
+from pydantic import AfterValidator, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .identity import parse_key
+from .tls import TlsFiles
 
 C = TypeVar("C", bound="ServiceConfig")
 
@@ -31,6 +32,33 @@ class ServiceConfig(BaseSettings):
     grace_seconds: float = 5.0
     # gRPC max receive message size.
     max_message_bytes: int = 4 * 1024 * 1024
+    # Mutual TLS for every internal call (required): the CA that peers' certificates must chain
+    # to, and this process's certificate and key (PEM). The certificate's common name is the
+    # identity other services authorize (gateway, routing, generation, ...).
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # Plaintext and unauthenticated internal calls, instead of mutual TLS: only for measuring
+    # what TLS costs (the benchmarks). Never in a deployment.
+    insecure: bool = False
+    # Serve gRPC reflection (lists every method to anyone who may connect).
+    reflection: bool = False
+
+    @model_validator(mode="after")
+    def _tls_required(self):
+        given = [self.tls_ca_file, self.tls_cert_file, self.tls_key_file]
+        if not self.insecure and not all(given):
+            raise ValueError(
+                "mutual TLS needs tls_ca_file, tls_cert_file and tls_key_file "
+                "(or insecure=true, for benchmarks only)"
+            )
+        return self
+
+    def tls(self) -> TlsFiles | None:
+        """This process's TLS files, or None when running insecure."""
+        if self.insecure:
+            return None
+        return TlsFiles(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)  # type: ignore[arg-type]
 
 
 def _valid_identity_key(v: SecretStr) -> SecretStr:
@@ -53,6 +81,10 @@ def load_config(cls: type[C], argv: list[str] | None = None, prog: str | None = 
         lines = []
         for e in exc.errors():
             field = ".".join(str(p) for p in e["loc"])
+            if not field:  # a rule over several settings
+                lines.append(e["msg"].removeprefix("Value error, ")
+                             + f" (env {prefix.upper()}<SETTING> or --<setting>)")
+                continue
             env = (prefix + field).upper().replace("-", "_")
             flag = "--" + field.replace("_", "-")
             if e["type"] == "missing":

@@ -75,6 +75,13 @@ class Unavailable(FmapiError):
     reason = "temporarily_unavailable"
 
 
+class DeadlineExceeded(FmapiError):
+    """A backend did not answer in time (idle between messages, or the request's overall cap)."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "timeout"
+
+
 class PayloadTooLarge(FmapiError):
     """Only raised at the HTTP boundary (gRPC has its own message size limit)."""
 
@@ -97,6 +104,7 @@ _BY_GRPC_CODE: dict[grpc.StatusCode, type[FmapiError]] = {
         ResourceExhausted,
         FailedPrecondition,
         Unavailable,
+        DeadlineExceeded,
         Internal,
     )
 }
@@ -187,6 +195,7 @@ _HTTP: dict[type[FmapiError], tuple[int, str, str]] = {
     FailedPrecondition: (400, "invalid_request_error", "INVALID_STATE"),
     PayloadTooLarge: (413, "invalid_request_error", "INVALID_PARAMETER_VALUE"),
     Unavailable: (503, "server_error", "TEMPORARILY_UNAVAILABLE"),
+    DeadlineExceeded: (504, "timeout", "DEADLINE_EXCEEDED"),
     Internal: (500, "server_error", "INTERNAL_ERROR"),
 }
 
@@ -225,6 +234,7 @@ __all__ = [
     "ResourceExhausted",
     "FailedPrecondition",
     "Unavailable",
+    "DeadlineExceeded",
     "PayloadTooLarge",
     "Internal",
     "to_rpc_status",

@@ -5,16 +5,20 @@ the identity headers below (overwriting anything a client sent under ``x-fmapi-`
 them: the gateway trusts an identity only when :func:`verify` accepts it, so a caller who reaches
 the gateway without going through Envoy cannot claim an identity.
 
-Signature scheme (version 1)::
+Signature scheme (version 2)::
 
     ts  = decimal unix time with millisecond precision, e.g. "1732500000.123"
-    msg = "fmapi-identity-v1\\n" + for each name in SIGNED_HEADERS (in that order):
+    msg = "fmapi-identity-v2\\n" + for each name in SIGNED_HEADERS (in that order):
               name + "\\n" + str(len(value_utf8)) + ":" + value + "\\n"
+          + for each of method, path (without the query), x-request-id:
+              str(len(value_utf8)) + ":" + value + "\\n"
           + "ts:" + ts
-    sig = "v1=" + hex(HMAC-SHA256(key, msg))
+    sig = "v2=" + hex(HMAC-SHA256(key, msg))
 
-Every signed header must be present exactly once; the timestamp must be within ``max_age`` seconds
-of the verifier's clock (either direction). Keys are shared between auth and the gateway
+The signature is bound to the one request it was made for: its method, its path and its request
+id. Captured headers replayed on another path or method, or after ``max_age`` (a few seconds, so
+after a revocation too), are refused. Every signed header must be present exactly once; the
+timestamp must be within ``max_age`` seconds of the verifier's clock (either direction). Keys are shared between auth and the gateway
 (:func:`parse_key` turns the configured string into bytes the same way on both sides).
 """
 
@@ -44,11 +48,15 @@ SIGNATURE = "x-fmapi-identity-sig"
 SIGNED_HEADERS: tuple[str, ...] = (PRINCIPAL, PRINCIPAL_KIND, WORKSPACE, TOKEN_ID, SCOPES, ADMIN)
 #: Every header :func:`sign` returns.
 ALL_HEADERS: tuple[str, ...] = (*SIGNED_HEADERS, TIMESTAMP, SIGNATURE)
+#: The request id Envoy sets (or keeps) on every request; part of what is signed.
+REQUEST_ID = "x-request-id"
+#: How old a signature may be when the gateway verifies it (seconds, either direction).
+MAX_AGE_SECONDS = 5.0
 
 PRINCIPAL_KINDS = ("user", "service_principal")
 
-_VERSION = "v1"
-_CONTEXT = b"fmapi-identity-v1\n"
+_VERSION = "v2"
+_CONTEXT = b"fmapi-identity-v2\n"
 MIN_KEY_BYTES = 16
 
 
@@ -125,21 +133,39 @@ def _format_ts(now: float) -> str:
     return f"{now:.3f}"
 
 
-def _canonical(values: Mapping[str, str], ts: str) -> bytes:
+@dataclass(frozen=True)
+class Binding:
+    """The request a signature is made for: method, path (no query string) and request id."""
+
+    method: str
+    path: str
+    request_id: str = ""
+
+    @classmethod
+    def of(cls, method: str, path: str, request_id: str = "") -> Binding:
+        return cls(method.upper(), path.split("?", 1)[0], request_id)
+
+
+def _canonical(values: Mapping[str, str], binding: Binding, ts: str) -> bytes:
     parts = [_CONTEXT]
     for name in SIGNED_HEADERS:
         raw = values[name].encode("utf-8")
         parts.append(name.encode() + b"\n" + str(len(raw)).encode() + b":" + raw + b"\n")
+    for value in (binding.method, binding.path, binding.request_id):
+        raw = value.encode("utf-8", "surrogateescape")
+        parts.append(str(len(raw)).encode() + b":" + raw + b"\n")
     parts.append(b"ts:" + ts.encode())
     return b"".join(parts)
 
 
-def _mac(key: bytes, values: Mapping[str, str], ts: str) -> str:
-    return _VERSION + "=" + hmac.new(key, _canonical(values, ts), hashlib.sha256).hexdigest()
+def _mac(key: bytes, values: Mapping[str, str], binding: Binding, ts: str) -> str:
+    digest = hmac.new(key, _canonical(values, binding, ts), hashlib.sha256).hexdigest()
+    return _VERSION + "=" + digest
 
 
-def sign(identity: Mapping[str, str], key: bytes, now: float) -> dict[str, str]:
-    """Headers to add to a request: the identity headers, a timestamp and their signature.
+def sign(identity: Mapping[str, str], key: bytes, now: float, binding: Binding) -> dict[str, str]:
+    """Headers to add to one request: the identity headers, a timestamp and their signature,
+    bound to ``binding`` (that request's method, path and request id).
 
     ``identity`` maps each name in :data:`SIGNED_HEADERS` to its value (see
     :meth:`Identity.to_headers`); any other key is an error, so nothing unsigned slips through.
@@ -158,12 +184,15 @@ def sign(identity: Mapping[str, str], key: bytes, now: float) -> dict[str, str]:
     ts = _format_ts(now)
     out = {name: values[name] for name in SIGNED_HEADERS}
     out[TIMESTAMP] = ts
-    out[SIGNATURE] = _mac(key, values, ts)
+    out[SIGNATURE] = _mac(key, values, Binding.of(binding.method, binding.path, binding.request_id), ts)
     return out
 
 
-def sign_identity(identity: Identity, key: bytes, now: float) -> dict[str, str]:
-    return sign(identity.to_headers(), key, now)
+def sign_identity(identity: Identity, key: bytes, now: float, binding: Binding) -> dict[str, str]:
+    return sign(identity.to_headers(), key, now, binding)
+
+
+_COLLECTED = frozenset((*ALL_HEADERS, REQUEST_ID))
 
 
 def _collect(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str] | None:
@@ -173,7 +202,7 @@ def _collect(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str
     for k, v in items:
         name = k.decode("latin-1") if isinstance(k, bytes) else str(k)
         name = name.lower()
-        if name not in ALL_HEADERS:
+        if name not in _COLLECTED:
             continue
         if isinstance(v, bytes):
             v = v.decode("utf-8", "replace")
@@ -187,9 +216,14 @@ def verify(
     headers: Mapping[str, str] | Iterable[tuple[str, str]],
     key: bytes | Sequence[bytes],
     now: float,
-    max_age: float = 60,
+    *,
+    method: str,
+    path: str,
+    max_age: float = MAX_AGE_SECONDS,
 ) -> Identity | None:
-    """The identity the headers carry when auth signed them recently with ``key``; else None.
+    """The identity the headers carry when auth signed them recently with ``key`` for this
+    request (``method`` and ``path`` as received, and the ``x-request-id`` among ``headers``);
+    else None.
 
     ``headers`` is any mapping (or sequence of pairs, e.g. gRPC metadata) of request headers;
     names are matched case-insensitively. ``key`` may be a list of keys (rotation): any one
@@ -207,10 +241,11 @@ def verify(
         return None
     keys = [key] if isinstance(key, (bytes, bytearray)) else list(key)
     presented = values[SIGNATURE].encode("utf-8", "replace")
+    binding = Binding.of(method, path, values.get(REQUEST_ID, ""))
     ok = False
     for k in keys:
         # Compare every key (no early exit) in constant time per key.
-        ok |= hmac.compare_digest(_mac(bytes(k), values, ts).encode(), presented)
+        ok |= hmac.compare_digest(_mac(bytes(k), values, binding, ts).encode(), presented)
     if not ok:
         return None
     scopes = decode_scopes(values[SCOPES])
@@ -230,6 +265,9 @@ def verify(
 __all__ = [
     "ADMIN",
     "ALL_HEADERS",
+    "Binding",
+    "MAX_AGE_SECONDS",
+    "REQUEST_ID",
     "HEADER_PREFIX",
     "Identity",
     "PRINCIPAL",

@@ -11,6 +11,7 @@ import grpc
 from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
 
 from .channels import make_channel
+from .tls import ROUTING, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,12 @@ class ReplicaRegistration:
         routing_address: str,
         replica: routing_pb2.Replica,
         *,
+        tls: TlsFiles | None,
         ttl: float = 10.0,
         interval: float = 2.0,
         inflight: Callable[[], int] = lambda: 0,
     ) -> None:
-        self._channel = make_channel(routing_address)
+        self._channel = make_channel(routing_address, tls, ROUTING)
         self._stub = routing_pb2_grpc.RoutingServiceStub(self._channel)
         self._replica = replica
         self._ttl = ttl

@@ -1,9 +1,10 @@
 """One way to build and run a ``grpc.aio`` server.
 
-Every service gets the standard health service, reflection, the error-mapping and tracing
-interceptors, a bound port (0 in tests, written to ``port_file`` for a supervisor) and a graceful
-shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING, in-flight calls get ``grace_seconds``,
-then the shutdown hooks run.
+Every service gets mutual TLS with per-method authorization of the calling service (its
+:data:`~fmapi_common.tls.Policy`), the standard health service, reflection when configured, the
+error-mapping and tracing interceptors, a bound port (0 in tests, written to ``port_file`` for a
+supervisor) and a graceful shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING, in-flight
+calls get ``grace_seconds``, then the shutdown hooks run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from .config import ServiceConfig
 from .interceptors import ErrorInterceptor
 from .telemetry import server_interceptors, shutdown_telemetry
+from .tls import ANY, HEALTH_PREFIX, REFLECTION_PREFIXES, AuthorizationInterceptor, Policy
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +80,32 @@ async def start_grpc_service(
     config: ServiceConfig,
     register: Callable[[grpc.aio.Server], Iterable[str]],
     *,
+    policy: Policy,
     serving: bool = True,
     bare_methods: Iterable[str] = (),
 ) -> GrpcService:
     """Build, bind and start a server.
 
     ``register`` adds the servicers and returns their full service names (for health and
-    reflection). With ``serving=False`` health answers NOT_SERVING until ``set_serving(True)``.
+    reflection). ``policy`` names the identities allowed to call each method (the health service
+    and reflection are open to every authenticated service); anything else is PERMISSION_DENIED.
+    With ``serving=False`` health answers NOT_SERVING until ``set_serving(True)``.
     ``bare_methods`` (full names, ``/package.Service/Method``) skip the tracing and error-mapping
     interceptors: per-request hot paths that map their own errors and whose caller traces them
     (Envoy's ext_authz ``Check``); every other method keeps both.
     """
     bare = tuple(bare_methods)
+    tls = config.tls()
+    if tls is None:
+        log.warning("INSECURE: internal calls are neither encrypted nor authenticated")
+        authz = []
+    else:
+        tls.check()
+        open_ = {HEALTH_PREFIX: [ANY], **({p: [ANY] for p in REFLECTION_PREFIXES} if config.reflection else {})}
+        authz = [AuthorizationInterceptor({**open_, **policy})]
     server = grpc.aio.server(
         interceptors=[
+            *authz,
             *server_interceptors(exclude_methods=bare),
             ErrorInterceptor(exclude_methods=bare),
         ],
@@ -104,11 +118,16 @@ async def start_grpc_service(
     names = list(register(server))
     hs = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.reflection:
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+    address = f"{config.host}:{config.port}"
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, tls.server_credentials())
     if port == 0:
         raise SystemExit(f"could not bind {config.host}:{config.port}")
     await server.start()

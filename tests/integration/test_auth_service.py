@@ -25,14 +25,18 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+import yaml
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from helpers import tls
 from helpers.redis_server import RedisServer
 
 from google.rpc import error_details_pb2, status_pb2
 
 from fmapi.auth.v1 import auth_pb2, auth_pb2_grpc
 from fmapi_auth.tokens import hash_secret, is_well_formed
+from fmapi_cli.system import envoy_upstream_tls
 from fmapi_common import identity as ident
+from fmapi_common import pki
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY_HEX = "5e" * 32
@@ -65,6 +69,7 @@ class AuthProcess:
             "FMAPI_AUTH_IDENTITY_KEY": KEY_HEX,
             "FMAPI_AUTH_PORT_FILE": str(self.port_file),
             "FMAPI_AUTH_LOG_LEVEL": "DEBUG",  # the secret must stay out of even debug logs
+            **tls.env("FMAPI_AUTH_", "auth"),
             **self.extra_env,
         }
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
@@ -80,8 +85,14 @@ class AuthProcess:
                 raise RuntimeError(f"{self.name} did not start:\n{self.log()[-3000:]}")
             time.sleep(0.02)
         self.port = int(self.port_file.read_text())
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        # Token management is the gateway's; Check is Envoy's: each has its own identity.
+        self.channel = tls.aio_channel(self.address, "gateway", "auth")
+        self.envoy_channel = tls.aio_channel(self.address, "envoy", "auth")
         return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     @property
     def auth(self) -> auth_pb2_grpc.AuthServiceStub:
@@ -89,7 +100,7 @@ class AuthProcess:
 
     @property
     def authz(self) -> external_auth_pb2_grpc.AuthorizationStub:
-        return external_auth_pb2_grpc.AuthorizationStub(self.channel)
+        return external_auth_pb2_grpc.AuthorizationStub(self.envoy_channel)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -97,6 +108,7 @@ class AuthProcess:
     async def stop(self) -> None:
         if self.channel is not None:
             await self.channel.close()
+            await self.envoy_channel.close()
             self.channel = None
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
@@ -315,7 +327,8 @@ async def test_allowed_sets_signed_identity_and_drops_client_headers(replicas):
     assert headers[ident.WORKSPACE] == "ws1"
     removed = set(r.ok_response.headers_to_remove)
     assert removed == {"x-fmapi-smuggled", "authorization"}
-    got = ident.verify(headers, KEY, time.time())
+    got = ident.verify(headers, KEY, time.time(), method="POST",
+                       path="/serving-endpoints/chat-a/invocations")
     assert got is not None and got.principal == "bob" and got.may_query("chat-x")
     assert not got.may_query("other")
     assert r.dynamic_metadata["token_id"] == resp.info.id
@@ -489,6 +502,68 @@ def assert_no_secret_in_redis(srv: RedisServer) -> None:
     return dump
 
 
+# ---------------------------------------------------------------- attacks (issue: zero trust)
+
+
+async def test_attack_token_api_without_a_client_certificate_fails(replicas):
+    a, _ = replicas
+    async with grpc.aio.insecure_channel(a.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await auth_pb2_grpc.AuthServiceStub(ch).CreateToken(auth_pb2.CreateTokenRequest(
+                name="pwn", owner=auth_pb2.Principal(id="mallory", workspace="ws1"),
+                scopes=auth_pb2.Scopes(endpoints=["*"], admin=True)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("identity", ["envoy", "routing", "generation", "embedding"])
+async def test_attack_only_the_gateway_manages_tokens(replicas, identity):
+    a, _ = replicas
+    victim = await create(a, admin=True, principal="admin")
+    async with tls.aio_channel(a.address, identity, "auth") as ch:
+        stub = auth_pb2_grpc.AuthServiceStub(ch)
+        calls = [
+            stub.CreateToken(auth_pb2.CreateTokenRequest(
+                name="pwn", owner=auth_pb2.Principal(id="mallory", workspace="ws1"),
+                scopes=auth_pb2.Scopes(endpoints=["*"], admin=True)), timeout=5),
+            stub.RevokeToken(auth_pb2.RevokeTokenRequest(id=victim.info.id), timeout=5),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert identity in err.value.details()
+    # The admin token still works.
+    ok_headers(await check(a, token=victim.secret))
+
+
+@pytest.mark.parametrize("identity", ["gateway", "routing", "generation"])
+async def test_attack_only_envoy_may_ask_check(replicas, identity):
+    a, _ = replicas
+    secret = (await create(a, admin=True)).secret
+    async with tls.aio_channel(a.address, identity, "auth") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await external_auth_pb2_grpc.AuthorizationStub(ch).Check(
+                check_request("/v1/models", {"authorization": f"Bearer {secret}"}, "GET"),
+                timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_signed_identity_is_fresh_per_request(replicas):
+    """Each allow is signed for its own request: a signature never serves a second one."""
+    a, _ = replicas
+    secret = (await create(a, endpoints=("chat-*",))).secret
+    path = "/serving-endpoints/chat-a/invocations"
+    one = ok_headers(await check(a, path=path, token=secret, headers={"x-request-id": "r1"}))
+    two = ok_headers(await check(a, path=path, token=secret, headers={"x-request-id": "r2"}))
+    assert one[ident.SIGNATURE] != two[ident.SIGNATURE]
+    now = time.time()
+    assert ident.verify({**one, "x-request-id": "r1"}, KEY, now, method="POST", path=path)
+    assert ident.verify({**one, "x-request-id": "r2"}, KEY, now, method="POST", path=path) is None
+    assert ident.verify({**one, "x-request-id": "r1"}, KEY, now, method="POST",
+                        path="/v1/embeddings") is None
+    assert ident.verify({**one, "x-request-id": "r1"}, KEY, now + 6, method="POST", path=path) is None
+
+
 # ---------------------------------------------------------------- through a real Envoy
 
 
@@ -592,8 +667,12 @@ def envoy(replicas, tmp_path_factory):
     for attempt in range(3):
         listen = _free_port()
         cfg = d / "envoy.yaml"
-        cfg.write_text(ENVOY_CONFIG % {"listen": listen, "auth": a.port,
-                                        "echo": echo.server_address[1]})
+        config = yaml.safe_load(ENVOY_CONFIG % {"listen": listen, "auth": a.port,
+                                                 "echo": echo.server_address[1]})
+        # Envoy reaches auth over mutual TLS, as itself, exactly as `fmapi dev up` configures it.
+        config["static_resources"]["clusters"][0]["transport_socket"] = envoy_upstream_tls(
+            pki.paths(tls.pki_dir(), "envoy"), "auth", h2=True)
+        cfg.write_text(yaml.safe_dump(config))
         log = open(d / "envoy.log", "ab")
         proc = subprocess.Popen(
             [binary, "-c", str(cfg), "--disable-hot-restart", "--log-level", "warn",
@@ -649,7 +728,8 @@ async def test_envoy_http(envoy, replicas):
         assert seen["x-fmapi-admin"] == ["false"]
         assert "x-fmapi-extra" not in seen and "authorization" not in seen
         flat = {k: v[0] for k, v in seen.items() if len(v) == 1}
-        got = ident.verify(flat, KEY, time.time())
+        got = ident.verify(flat, KEY, time.time(), method="POST",
+                           path="/serving-endpoints/chat-1/invocations")
         assert got is not None and got.principal == "carol" and got.scopes == ("chat-*",)
 
         r = await http.get("/healthz", headers={"x-fmapi-principal": "mallory"})
@@ -683,9 +763,13 @@ async def test_envoy_grpc_denials_are_grpc_statuses(envoy, replicas):
         assert st.code == 7 and st.details and st.details[0].Is(
             error_details_pb2.ErrorInfo.DESCRIPTOR)
 
-        resp = await stub.ListTokens(auth_pb2.ListTokensRequest(), timeout=5,
-                                     metadata=[("authorization", f"Bearer {admin}")])
-        assert resp.tokens
+        # Even an admin token does not open the internal token API to whatever Envoy routes
+        # there: only the gateway's certificate may call it.
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.ListTokens(auth_pb2.ListTokensRequest(), timeout=5,
+                                  metadata=[("authorization", f"Bearer {admin}")])
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "envoy may not call" in exc.value.details()
 
 
 # ---------------------------------------------------------------- the store in-process

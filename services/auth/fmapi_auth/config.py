@@ -29,9 +29,6 @@ class AuthConfig(ServiceConfig):
     redis_timeout_seconds: float = Field(default=0.5, gt=0.0)
     # Remove the Authorization header before Envoy forwards the request (backends never see it).
     strip_authorization: bool = True
-    # How long Check may reuse a token's signed identity headers (the gateway accepts signatures
-    # up to 60 s old); every request is still authenticated and scope-checked. 0: sign each one.
-    identity_reuse_seconds: float = Field(default=1.0, ge=0.0, le=1.0)
     # Run on uvloop (installed with uvicorn[standard]) instead of asyncio's own loop. grpc.aio
     # works on it (the auth tests pass), but it bought only ~0.02-0.1 ms per Check on a 2-core
     # machine, within the noise of the end-to-end benchmark, so the proven default stays.

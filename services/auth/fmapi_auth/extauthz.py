@@ -17,11 +17,9 @@ Scope is checked here when the endpoint is in the path; for endpoints named in t
 ``model``, gRPC requests) the gateway checks the exported ``x-fmapi-scopes`` itself.
 
 Check runs before every request, so its allow path is kept cheap: path rules are memoised, and a
-token's signed identity headers (and the CheckResponse carrying them) are reused for up to
-``identity_reuse_seconds`` (1 s by default; the gateway accepts signatures up to 60 s old).
-Reuse never skips a decision: every request still authenticates its token (cache and revocation
-rules of :class:`~fmapi_auth.tokens.TokenStore`) and checks its scope; only the HMAC and the
-response building are shared, and only while the token's record is unchanged.
+token's identity header values are built once per token record. The signature itself is made per
+request, bound to its method, path and ``x-request-id`` (:mod:`fmapi_common.identity`), so a
+captured set of identity headers is worth nothing on another request or a few seconds later.
 """
 
 from __future__ import annotations
@@ -300,30 +298,22 @@ def request_headers(http) -> dict[str, str]:
 
 
 _IDENTITY_HEADERS = frozenset(ident.ALL_HEADERS)
-# Distinct removal lists whose responses are kept per token (clients normally send one shape).
-_SHAPES_PER_TOKEN = 4
+# Token records whose identity header options are kept (a bound on memory, not a correctness knob).
 _MAX_VOUCHED = 10_000
 
 
 @dataclass
 class _Vouched:
-    """A token's signed identity headers and the allow responses that carry them."""
+    """What is the same on every allow for one token record: its identity headers, unsigned."""
 
     record: TokenRecord
-    signed_at: float
+    values: dict[str, str]
     options: list[base_pb2.HeaderValueOption]
     metadata: struct_pb2.Struct
-    responses: dict[tuple[str, ...], external_auth_pb2.CheckResponse] = field(
-        default_factory=dict
-    )
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    """Envoy's Check, against the token store.
-
-    ``identity_reuse_seconds``: how long a token's signed identity headers (and the response
-    carrying them) may be reused; 0 signs every request.
-    """
+    """Envoy's Check, against the token store."""
 
     def __init__(
         self,
@@ -332,16 +322,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         *,
         strip_authorization: bool = True,
         clock: Callable[[], float] = time.time,
-        identity_reuse_seconds: float = 1.0,
     ) -> None:
-        if not 0 <= identity_reuse_seconds <= 1.0:
-            raise ValueError("identity_reuse_seconds must be between 0 and 1")
         self._store = store
         self._key = identity_key
         self._strip = ("authorization",) if strip_authorization else ()
         self._clock = clock
-        self._reuse = identity_reuse_seconds
-        self._vouched: dict[str, _Vouched] = {}  # token sha256 -> its current signed identity
+        self._vouched: dict[str, _Vouched] = {}  # token sha256 -> its identity headers
 
     async def Check(self, request, context):  # noqa: N802 - gRPC method name
         http = request.attributes.request.http
@@ -370,36 +356,32 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 retry_after=1.0,
             ) from None
         authorize(rule, rec)
-        return self._allow(rec, headers)
+        return self._allow(rec, headers, ident.Binding.of(method, path, headers.get(ident.REQUEST_ID, "")))
 
-    def _allow(self, rec: TokenRecord, headers: Mapping[str, str]):
-        """The allow response for ``rec``: its signed identity, reused while fresh."""
-        now = self._clock()
+    def _allow(self, rec: TokenRecord, headers: Mapping[str, str], binding: ident.Binding):
+        """Allow this one request as ``rec``'s identity, signed for ``binding``."""
         v = self._vouched.get(rec.sha256)
-        # Re-sign when the record changed in any way, when the signature is older than the reuse
-        # window, or when the clock went backwards.
-        if v is None or v.record != rec or not 0 <= now - v.signed_at < self._reuse:
-            v = self._vouch(rec, now)
-        remove = _removals(headers, _IDENTITY_HEADERS, self._strip)
-        resp = v.responses.get(remove)
-        if resp is None:
-            resp = _ok_response(v.options, remove, v.metadata)
-            if len(v.responses) < _SHAPES_PER_TOKEN:
-                v.responses[remove] = resp
-        return resp
+        if v is None or v.record != rec:
+            v = self._vouch(rec)
+        signed = ident.sign(v.values, self._key, self._clock(), binding)
+        options = [
+            *v.options,
+            _option(ident.TIMESTAMP, signed[ident.TIMESTAMP]),
+            _option(ident.SIGNATURE, signed[ident.SIGNATURE]),
+        ]
+        return _ok_response(options, _removals(headers, _IDENTITY_HEADERS, self._strip), v.metadata)
 
-    def _vouch(self, rec: TokenRecord, now: float) -> _Vouched:
-        signed = ident.sign_identity(rec.identity(), self._key, now)
+    def _vouch(self, rec: TokenRecord) -> _Vouched:
+        values = rec.identity().to_headers()
         v = _Vouched(
             record=rec,
-            signed_at=now,
-            options=[_option(k, val) for k, val in signed.items()],
+            values=values,
+            options=[_option(k, val) for k, val in values.items()],
             metadata=_struct(
                 {"principal": rec.principal, "workspace": rec.workspace, "token_id": rec.id}
             ),
         )
-        if self._reuse > 0:
-            if len(self._vouched) >= _MAX_VOUCHED:
-                self._vouched.clear()
-            self._vouched[rec.sha256] = v
+        if len(self._vouched) >= _MAX_VOUCHED:
+            self._vouched.clear()
+        self._vouched[rec.sha256] = v
         return v

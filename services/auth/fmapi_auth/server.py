@@ -15,6 +15,7 @@ from fmapi.auth.v1 import auth_pb2_grpc
 from fmapi_common.errors import Unavailable
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
+from fmapi_common.tls import ENVOY, GATEWAY
 
 from . import extauthz, servicer
 from .config import AuthConfig
@@ -80,7 +81,6 @@ async def start(config: AuthConfig) -> tuple[GrpcService, TokenStore]:
                 store,
                 key,
                 strip_authorization=config.strip_authorization,
-                identity_reuse_seconds=config.identity_reuse_seconds,
             ),
             server,
         )
@@ -88,7 +88,11 @@ async def start(config: AuthConfig) -> tuple[GrpcService, TokenStore]:
 
     # Check answers every request Envoy sees: no span or error wrapper per call (it maps its own
     # errors); AuthService keeps both.
-    svc = await start_grpc_service(config, register, bare_methods=[extauthz.CHECK_METHOD])
+    # Only Envoy asks Check; only the gateway manages tokens (for admins it has authenticated).
+    policy = {f"/{servicer.SERVICE_NAME}/": [GATEWAY], extauthz.CHECK_METHOD: [ENVOY]}
+    svc = await start_grpc_service(
+        config, register, policy=policy, bare_methods=[extauthz.CHECK_METHOD]
+    )
     svc.on_stop.append(store.close)
     return svc, store
 

@@ -11,6 +11,7 @@ from fmapi.routing.v1 import routing_pb2
 from fmapi_common.replica import ReplicaRegistration
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
+from fmapi_common.tls import GATEWAY
 
 from .batcher import DynamicBatcher
 from .config import EmbeddingConfig
@@ -47,7 +48,7 @@ async def create(config: EmbeddingConfig) -> GrpcService:
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(embedder), server)
         return [SERVICE]
 
-    svc = await start_grpc_service(config, register)
+    svc = await start_grpc_service(config, register, policy={f"/{SERVICE}/": [GATEWAY]})
     for h in hosted.values():
         svc.on_stop.append(h.batcher.close)
     if config.routing_addr:
@@ -59,6 +60,7 @@ async def create(config: EmbeddingConfig) -> GrpcService:
                 models=list(hosted),
             ),
             inflight=lambda: sum(h.batcher.inflight for h in hosted.values()),
+            tls=config.tls(),
         )
         await reg.start()
         # Deregister first on shutdown, so routing stops sending work here.

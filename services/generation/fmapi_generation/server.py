@@ -21,6 +21,7 @@ from fmapi_common.errors import Unavailable
 from fmapi_common.replica import ReplicaRegistration
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
+from fmapi_common.tls import GATEWAY
 
 from .config import GenerationConfig
 from .domain import EngineSampling
@@ -106,7 +107,9 @@ async def create(config: GenerationConfig) -> tuple[GrpcService, asyncio.Task]:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(switch, server)
         return [SERVICE]
 
-    svc = await start_grpc_service(config, register, serving=False)
+    svc = await start_grpc_service(
+        config, register, policy={f"/{SERVICE}/": [GATEWAY]}, serving=False
+    )
 
     async def load() -> Engine:
         engine = await VllmEngine.start(config, name)
@@ -134,6 +137,7 @@ async def create(config: GenerationConfig) -> tuple[GrpcService, asyncio.Task]:
                     dedicated_endpoint=config.dedicated_endpoint or "",
                 ),
                 inflight=lambda: service.inflight,
+                tls=config.tls(),
             )
             await reg.start()
             # Deregister first on shutdown, so routing stops sending work here.

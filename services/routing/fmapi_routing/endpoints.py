@@ -31,6 +31,10 @@ class Limits(_Strict):
     input_tokens_per_minute: int = Field(0, ge=0)
     output_tokens_per_minute: int = Field(0, ge=0)
     default_max_tokens: int = Field(0, ge=0)
+    # Longest prompt accepted, in tokens (0 = the model's context length).
+    max_prompt_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    # Overall cap on one request's duration, streaming included (0 = the gateway's default).
+    request_timeout_seconds: int = Field(0, ge=0, le=86400)
 
 
 class ProvisionedThroughput(_Strict):

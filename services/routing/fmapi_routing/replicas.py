@@ -1,18 +1,25 @@
 """The replica registry, kept in Redis so every routing replica sees the same one.
 
-``fmapi:replica:<id>`` is a hash (address, kind, models, inflight, dedicated endpoint) that expires
-``ttl`` seconds after the last heartbeat; ``fmapi:model:<model>`` is a sorted set of replica ids
-scored by their expiry time, so a dead replica drops out on its own.
+``fmapi:replica:<id>`` is a hash (address, kind, models, inflight, dedicated endpoint, owner) that
+expires ``ttl`` seconds after the last heartbeat; ``fmapi:model:<model>`` is a sorted set of
+replica ids scored by their expiry time, so a dead replica drops out on its own.
+
+Registrations are bound to the identity that made them (the model server's certificate): ids are
+assigned here, never chosen by the caller, and only the owner may renew or remove its replica.
+TTL, reported load, address and model names are validated (:func:`check_registration`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import redis.asyncio as redis
+
+from fmapi_common.errors import InvalidArgument, PermissionDenied
 
 _PREFIX = "fmapi:"
 
@@ -43,6 +50,37 @@ class ReplicaInfo:
     last_seen: float = 0.0
 
 
+# Bounds on what a model server may report about itself.
+MIN_TTL, MAX_TTL, DEFAULT_TTL = 2.0, 60.0, 10.0
+MAX_INFLIGHT = 1_000_000
+MAX_MODELS = 32
+_ADDRESS = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):(\d{1,5})$")
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+def check_registration(info: ReplicaInfo, ttl: float) -> None:
+    """Refuse a registration that routing could not trust (INVALID_ARGUMENT naming the field)."""
+    if info.id:
+        raise InvalidArgument("replica ids are assigned by routing; leave 'id' empty", param="replica.id")
+    m = _ADDRESS.match(info.address)
+    if not m or not 0 < int(m.group(1)) < 65536:
+        raise InvalidArgument("'address' must be host:port", param="replica.address")
+    if not 1 <= len(info.models) <= MAX_MODELS or not all(_MODEL.match(x) for x in info.models):
+        raise InvalidArgument(
+            f"a replica serves 1 to {MAX_MODELS} models with valid names", param="replica.models"
+        )
+    check_inflight(info.inflight)
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise InvalidArgument(
+            f"'ttl_seconds' must be between {MIN_TTL:g} and {MAX_TTL:g}", param="ttl_seconds"
+        )
+
+
+def check_inflight(inflight: int) -> None:
+    if not 0 <= inflight <= MAX_INFLIGHT:
+        raise InvalidArgument(f"'inflight' must be between 0 and {MAX_INFLIGHT}", param="inflight")
+
+
 class ReplicaStore:
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
@@ -56,8 +94,9 @@ class ReplicaStore:
     def _model_key(model: str) -> str:
         return f"{_PREFIX}model:{model}"
 
-    async def register(self, info: ReplicaInfo, ttl: float) -> str:
-        info.id = info.id or uuid.uuid4().hex
+    async def register(self, info: ReplicaInfo, ttl: float, owner: str) -> str:
+        """Store a new replica owned by ``owner`` (validate it with :func:`check_registration`)."""
+        info.id = uuid.uuid4().hex
         now = time.time()
         key = self._key(info.id)
         async with self._r.pipeline(transaction=True) as p:
@@ -71,6 +110,7 @@ class ReplicaStore:
                     "dedicated_endpoint": info.dedicated_endpoint,
                     "last_seen": now,
                     "ttl": ttl,
+                    "owner": owner,
                 },
             )
             p.pexpire(key, int(ttl * 1000))
@@ -79,12 +119,22 @@ class ReplicaStore:
             await p.execute()
         return info.id
 
-    async def heartbeat(self, replica_id: str, inflight: int) -> bool:
-        key = self._key(replica_id)
-        data = await self._r.hmget(key, "models", "ttl")
+    async def _owned(self, replica_id: str, owner: str) -> tuple[list[str], float] | None:
+        """The replica's models and TTL; None when unknown; PermissionDenied when not ``owner``'s."""
+        data = await self._r.hmget(self._key(replica_id), "models", "ttl", "owner")
         if data[0] is None:
+            return None
+        if (data[2] or b"").decode() != owner:
+            raise PermissionDenied(f"replica {replica_id} belongs to another service", param="id")
+        return json.loads(data[0]), float(data[1])
+
+    async def heartbeat(self, replica_id: str, inflight: int, owner: str) -> bool:
+        check_inflight(inflight)
+        key = self._key(replica_id)
+        owned = await self._owned(replica_id, owner)
+        if owned is None:
             return False
-        models, ttl = json.loads(data[0]), float(data[1])
+        models, ttl = owned
         now = time.time()
         async with self._r.pipeline(transaction=True) as p:
             p.hset(key, mapping={"inflight": inflight, "last_seen": now})
@@ -94,12 +144,14 @@ class ReplicaStore:
             await p.execute()
         return True
 
-    async def deregister(self, replica_id: str) -> None:
+    async def deregister(self, replica_id: str, owner: str) -> None:
         key = self._key(replica_id)
-        models = await self._r.hget(key, "models")
+        owned = await self._owned(replica_id, owner)
+        if owned is None:
+            return
         async with self._r.pipeline(transaction=True) as p:
             p.delete(key)
-            for m in json.loads(models) if models else []:
+            for m in owned[0]:
                 p.zrem(self._model_key(m), replica_id)
             await p.execute()
 

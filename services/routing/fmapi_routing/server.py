@@ -7,6 +7,7 @@ import redis.asyncio as redis
 from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
+from fmapi_common.tls import GATEWAY, MODEL_SERVERS
 
 from .config import RoutingConfig
 from .endpoints import load_registry
@@ -15,6 +16,12 @@ from .router import Router
 from .servicer import RoutingServicer
 
 SERVICE = routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name
+
+# The gateway reads endpoints and replicas; only model servers register (their own) replicas.
+POLICY = {
+    f"/{SERVICE}/": [GATEWAY],
+    **{f"/{SERVICE}/{m}": MODEL_SERVERS for m in ("RegisterReplica", "Heartbeat", "DeregisterReplica")},
+}
 
 
 async def create(config: RoutingConfig) -> GrpcService:
@@ -31,7 +38,7 @@ async def create(config: RoutingConfig) -> GrpcService:
         routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(router, store), server)
         return [SERVICE]
 
-    svc = await start_grpc_service(config, register)
+    svc = await start_grpc_service(config, register, policy=POLICY)
     svc.on_stop.append(client.aclose)
     return svc
 

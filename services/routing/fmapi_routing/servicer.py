@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from fmapi.routing.v1 import routing_pb2 as pb
 from fmapi.routing.v1 import routing_pb2_grpc
-from fmapi_common.errors import InvalidArgument
+from fmapi_common.errors import PermissionDenied
+from fmapi_common.tls import GENERATION, EMBEDDING, peer_identity
 
 from .convert import endpoint_to_pb, replica_from_pb, replica_to_pb
-from .replicas import ReplicaStore
+from .replicas import DEFAULT_TTL, ReplicaStore, check_registration
 from .router import Router
+
+
+# The replica kind each model-server identity may register.
+_KIND_OF = {GENERATION: pb.REPLICA_KIND_GENERATION, EMBEDDING: pb.REPLICA_KIND_EMBEDDING}
+
+
+def _owner(context) -> str:
+    """The registering service's identity ("" without TLS, the benchmarks' insecure mode)."""
+    return peer_identity(context) or ""
 
 
 class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
@@ -31,18 +41,21 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
         )
 
     async def RegisterReplica(self, request, context):
-        r = request.replica
-        if not r.address or not r.models:
-            raise InvalidArgument("a replica needs an address and at least one model", param="replica")
-        ttl = request.ttl_seconds or 10
-        rid = await self._store.register(replica_from_pb(r), ttl)
-        return pb.RegisterReplicaResponse(id=rid)
+        info = replica_from_pb(request.replica)
+        ttl = float(request.ttl_seconds or DEFAULT_TTL)
+        check_registration(info, ttl)
+        owner = _owner(context)
+        if owner and _KIND_OF.get(owner) != info.kind:
+            raise PermissionDenied(f"a {owner} server may not register a replica of this kind",
+                                   param="replica.kind")
+        return pb.RegisterReplicaResponse(id=await self._store.register(info, ttl, owner))
 
     async def Heartbeat(self, request, context):
-        return pb.HeartbeatResponse(known=await self._store.heartbeat(request.id, request.inflight))
+        known = await self._store.heartbeat(request.id, request.inflight, _owner(context))
+        return pb.HeartbeatResponse(known=known)
 
     async def DeregisterReplica(self, request, context):
-        await self._store.deregister(request.id)
+        await self._store.deregister(request.id, _owner(context))
         return pb.DeregisterReplicaResponse()
 
     async def ListReplicas(self, request, context):
