@@ -24,7 +24,7 @@ import httpx
 import yaml
 
 from fmapi_common import pki
-from fmapi_common.tls import AUTH, ENVOY, GATEWAY
+from fmapi_common.tls import AUTH, ENVOY, GATEWAY, TlsFiles
 
 from .supervisor import ChildFailed, Supervisor
 
@@ -252,6 +252,11 @@ class System:
         transport = httpx.HTTPTransport(uds=str(self.envoy_admin_socket))
         with httpx.Client(transport=transport, base_url="http://envoy-admin", timeout=5) as c:
             return c.request(method, path)
+
+    def tls_files(self, identity: str) -> TlsFiles:
+        """One identity's certificate files (e.g. for a test that dials a service directly)."""
+        p = pki.paths(self.pki_dir, identity)
+        return TlsFiles(str(p.ca), str(p.cert), str(p.key))
 
     @property
     def admin_token(self) -> str:

@@ -37,7 +37,8 @@ def auth_system(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("auth-system")
     (run_dir / "endpoints.yaml").write_text(ENDPOINTS)
     s = System(SystemOptions(runtime_dir=run_dir, http_port=0,
-                             endpoints_file=run_dir / "endpoints.yaml"))
+                             endpoints_file=run_dir / "endpoints.yaml",
+                             redis_data_dir=run_dir / "redis"))
     s.start()
     yield s
     s.stop()
@@ -167,21 +168,125 @@ def test_client_sent_identity_headers_are_never_trusted(auth_system, admin, anon
     assert anon.get("/api/2.0/token/list", headers=forged).status_code == 403
 
 
-def test_gateway_refuses_requests_that_bypass_envoy(auth_system, admin):
+def _https_as(system, identity_name: str) -> httpx.Client:
+    """A client of the gateway's REST port that presents ``identity_name``'s certificate."""
+    import ssl
+
+    f = system.tls_files(identity_name)
+    ctx = ssl.create_default_context(cafile=f.ca)
+    ctx.load_cert_chain(f.cert, f.key)
+    ctx.check_hostname = False  # the gateway's certificate names "gateway", we dial 127.0.0.1
+    return httpx.Client(base_url=f"https://127.0.0.1:{system.ports['gateway-http']}",
+                        verify=ctx, timeout=10)
+
+
+def _grpc_as(system, identity_name: str, port_name: str, server: str) -> grpc.Channel:
+    creds = system.tls_files(identity_name).channel_credentials()
+    return grpc.secure_channel(f"127.0.0.1:{system.ports[port_name]}", creds,
+                               options=[("grpc.ssl_target_name_override", server)])
+
+
+def test_attack_gateway_ports_refuse_everyone_but_envoy(auth_system, admin):
     token, _ = create_token(admin, comment="bypass")
-    direct = f"http://127.0.0.1:{auth_system.ports['gateway-http']}"
+    body = {"model": EMBED, "input": "x"}
+    # Plain HTTP, or TLS without a client certificate: no connection at all.
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(f"http://127.0.0.1:{auth_system.ports['gateway-http']}/v1/embeddings", json=body,
+                   headers={"authorization": f"Bearer {token}"}, timeout=10)
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(f"https://127.0.0.1:{auth_system.ports['gateway-http']}/v1/embeddings", json=body,
+                   headers={"authorization": f"Bearer {token}"}, timeout=10, verify=False)
+    # Another fmapi service's certificate: the gateway hangs up.
+    with _https_as(auth_system, "generation") as c, pytest.raises(httpx.HTTPError):
+        c.post("/v1/embeddings", json=body, headers={"authorization": f"Bearer {token}"})
+    with grpc.insecure_channel(f"127.0.0.1:{auth_system.ports['gateway']}") as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            inference_pb2_grpc.InferenceServiceStub(ch).Embed(
+                inference_pb2.EmbedRequest(endpoint=EMBED, texts=["x"]),
+                metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with _grpc_as(auth_system, "routing", "gateway", "gateway") as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            inference_pb2_grpc.InferenceServiceStub(ch).Embed(
+                inference_pb2.EmbedRequest(endpoint=EMBED, texts=["x"]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_attack_forged_or_unsigned_identity_with_envoys_certificate(auth_system, admin):
+    """Even holding Envoy's certificate, a caller needs an identity auth signed."""
+    token, _ = create_token(admin, comment="bypass")
     unsigned = {identity.PRINCIPAL: "admin", identity.WORKSPACE: "default", identity.TOKEN_ID: "x",
                 identity.SCOPES: '["*"]', identity.ADMIN: "true", identity.PRINCIPAL_KIND: "user",
-                identity.TIMESTAMP: f"{time.time():.3f}", identity.SIGNATURE: "v1=" + "ab" * 32}
-    for headers in ({"authorization": f"Bearer {token}"}, unsigned):
-        r = httpx.post(f"{direct}/v1/embeddings", json={"model": EMBED, "input": "x"}, headers=headers)
-        assert_401(r, "identity")
-    with grpc.insecure_channel(f"127.0.0.1:{auth_system.ports['gateway']}") as ch:
-        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+                identity.TIMESTAMP: f"{time.time():.3f}", identity.SIGNATURE: "v2=" + "ab" * 32}
+    with _https_as(auth_system, "envoy") as c:
+        for headers in ({"authorization": f"Bearer {token}"}, unsigned):
+            assert_401(c.post("/v1/embeddings", json={"model": EMBED, "input": "x"},
+                              headers=headers), "identity")
+    with _grpc_as(auth_system, "envoy", "gateway", "gateway") as ch:
         with pytest.raises(grpc.RpcError) as err:
-            stub.Embed(inference_pb2.EmbedRequest(endpoint=EMBED, texts=["x"]),
-                       metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            inference_pb2_grpc.InferenceServiceStub(ch).Embed(
+                inference_pb2.EmbedRequest(endpoint=EMBED, texts=["x"]),
+                metadata=(("authorization", f"Bearer {token}"),), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _signed_by_auth(system, token: str, method: str, path: str, request_id: str) -> dict:
+    """Ask auth's Check as Envoy would, and return the identity headers it signed."""
+    from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+
+    headers = {"authorization": f"Bearer {token}", "x-request-id": request_id}
+    http = attribute_context_pb2.AttributeContext.HttpRequest(method=method, path=path, headers=headers)
+    req = external_auth_pb2.CheckRequest(attributes=attribute_context_pb2.AttributeContext(
+        request=attribute_context_pb2.AttributeContext.Request(http=http)))
+    with _grpc_as(system, "envoy", "auth", "auth") as ch:
+        resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(req, timeout=10)
+    assert resp.HasField("ok_response"), resp
+    return {o.header.key: o.header.value for o in resp.ok_response.headers}
+
+
+def test_attack_captured_identity_headers_cannot_be_replayed(auth_system, admin):
+    token, _ = create_token(admin, comment="replay", endpoints=["*"])
+    body = {"model": EMBED, "input": "x"}
+    signed = _signed_by_auth(auth_system, token, "POST", "/v1/embeddings", "rid-1")
+    with _https_as(auth_system, "envoy") as c:
+        # The genuine request goes through (so the refusals below are about the replay).
+        ok = c.post("/v1/embeddings", json=body, headers={**signed, "x-request-id": "rid-1"})
+        assert ok.status_code == 200, ok.text
+        assert_401(c.post("/v1/embeddings", json=body, headers={**signed, "x-request-id": "rid-2"}),
+                   "identity")  # another request
+        assert_401(c.get("/api/2.0/token/list", headers={**signed, "x-request-id": "rid-1"}),
+                   "identity")  # another path and method
+        time.sleep(identity.MAX_AGE_SECONDS + 0.5)
+        assert_401(c.post("/v1/embeddings", json=body, headers={**signed, "x-request-id": "rid-1"}),
+                   "identity")  # the same request, later (e.g. after a revocation)
+
+
+def test_attack_envoy_admin_is_not_on_any_tcp_port(auth_system):
+    import os
+    import stat
+
+    sock = auth_system.envoy_admin_socket
+    assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    cfg = (auth_system.run_dir / "envoy.yaml").read_text()
+    assert "pipe:" in cfg and "admin:\n  address:\n    pipe:" in cfg
+    # The public listener does not serve the admin API either.
+    r = httpx.post(f"{auth_system.base_url}/quitquitquit", timeout=10)
+    assert r.status_code == 401
+    assert auth_system.envoy_admin("/ready").text.strip() == "LIVE"
+
+
+def test_attack_redis_data_and_keys_are_the_owners_alone(auth_system, admin):
+    """Redis' append-only file holds token hashes; the CA key signs every identity."""
+    import os
+    import stat
+
+    create_token(admin, comment="persisted")
+    data = auth_system.run_dir / "redis"
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert files, "Redis wrote no append-only file"
+    assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
+    for path in [*files, auth_system.pki_dir / "ca-key.pem", auth_system.pki_dir / "gateway-key.pem"]:
+        assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, path
 
 
 def test_token_management_api_and_cli(auth_system, admin):

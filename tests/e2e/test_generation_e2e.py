@@ -121,7 +121,10 @@ def test_closing_a_stream_aborts_the_engine_request(system, client):
                                             extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
-    with grpc.insecure_channel(f"127.0.0.1:{system.ports['generation-tiny']}") as ch:
+    gateway = system.tls_files("gateway")
+    creds = gateway.channel_credentials()
+    with grpc.secure_channel(f"127.0.0.1:{system.ports['generation-tiny']}", creds,
+                             options=[("grpc.ssl_target_name_override", "generation")]) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
         deadline = time.monotonic() + 1.0
         while True:

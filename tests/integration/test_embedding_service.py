@@ -13,6 +13,7 @@ import pytest
 from fmapi.embedding.v1 import embedding_pb2 as pb
 from fmapi.embedding.v1 import embedding_pb2_grpc
 from fmapi_cli.supervisor import Supervisor
+from helpers import tls
 
 MINILM = "all-minilm-l6-v2"
 
@@ -49,6 +50,7 @@ def embedding(tmp_path_factory):
             "FMAPI_EMBEDDING_PORT_FILE": str(tmp / "port"),
             "FMAPI_EMBEDDING_MAX_WAIT_MS": "20",
             "HF_HUB_OFFLINE": "1",
+            **tls.env("FMAPI_EMBEDDING_", "embedding"),
         },
     )
     port = sup.wait_for_file(child, tmp / "port", 120)
@@ -58,7 +60,7 @@ def embedding(tmp_path_factory):
 
 @pytest.fixture
 async def stub(embedding):
-    async with grpc.aio.insecure_channel(embedding) as ch:
+    async with tls.aio_channel(embedding, "gateway", "embedding") as ch:
         yield embedding_pb2_grpc.EmbeddingServiceStub(ch)
 
 
@@ -130,3 +132,16 @@ async def test_unknown_model_and_bad_input(stub):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Embed(pb.EmbedRequest(model=MINILM))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_attack_model_server_serves_only_the_gateway(embedding):
+    """No certificate: the connection fails. Another service's certificate: PERMISSION_DENIED."""
+    async with grpc.aio.insecure_channel(embedding) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await embedding_pb2_grpc.EmbeddingServiceStub(ch).Embed(req(MINILM, ["hi"]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    for identity in ("envoy", "generation", "routing"):
+        async with tls.aio_channel(embedding, identity, "embedding") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await embedding_pb2_grpc.EmbeddingServiceStub(ch).Embed(req(MINILM, ["hi"]), timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, identity

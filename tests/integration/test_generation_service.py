@@ -22,6 +22,7 @@ from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.generation.v1 import generation_pb2_grpc
 from fmapi_cli.supervisor import Supervisor
 from fmapi_common.errors import from_rpc_error
+from helpers import tls
 from helpers.tiny_llm import build_tiny_llama
 
 MAX_MODEL_LEN = 2048
@@ -30,7 +31,7 @@ SERVICE = "fmapi.generation.v1.GenerationService"
 
 def wait_serving(address: str, timeout: float, child=None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with tls.channel(address, "gateway", "generation") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if child is not None and not child.alive():
@@ -58,6 +59,7 @@ def start_generation(sup: Supervisor, tmp, model_dir, name: str, **env) -> str:
             "FMAPI_GENERATION_MODEL_PATH": str(model_dir),
             "FMAPI_GENERATION_PORT_FILE": str(port_file),
             "HF_HUB_OFFLINE": "1",
+            **tls.env("FMAPI_GENERATION_", "generation"),
             **env,
         },
     )
@@ -98,7 +100,7 @@ def tokenizer(tiny_model):
 
 @pytest.fixture
 async def stub(generation):
-    async with grpc.aio.insecure_channel(generation) as ch:
+    async with tls.aio_channel(generation, "gateway", "generation") as ch:
         yield generation_pb2_grpc.GenerationServiceStub(ch)
 
 
@@ -386,7 +388,7 @@ async def test_cancelled_stream_aborts_the_engine_request(stub):
 
 
 async def test_disconnected_client_aborts_the_engine_request(generation, stub):
-    ch = grpc.aio.insecure_channel(generation)
+    ch = tls.aio_channel(generation, "gateway", "generation")
     call = generation_pb2_grpc.GenerationServiceStub(ch).Generate(long_req(1))
     await call.read()
     assert await running(stub) == 1
@@ -496,7 +498,7 @@ async def test_gemma_answers_coherently(tmp_path_factory):
         address = await asyncio.to_thread(
             start_generation, sup, tmp, model, "gemma", FMAPI_GENERATION_MAX_MODEL_LEN="2048"
         )
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with tls.aio_channel(address, "gateway", "generation") as ch:
             stub = generation_pb2_grpc.GenerationServiceStub(ch)
             sampling = pb.SamplingParams(max_tokens=40, temperature=0)
             r = await run(stub, chat_req("What is the capital of France?", sampling))
