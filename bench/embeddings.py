@@ -3,6 +3,10 @@
 64 concurrent clients each send one sentence per request, (a) to the embedding service's gRPC
 API and (b) through Envoy and the gateway's REST API; the raw model's ``encode`` at batch size 32
 and 1 is the yardstick. Goal: service / raw batch-32 >= 0.7.
+
+(b) runs twice in the same run, interleaved round by round (A B A B): the system as `make run`
+starts it (mutual TLS on every internal hop) and the same system with plaintext internal calls,
+so the ratio between them is what mutual TLS costs at this load.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .common import sentences, table
 
 CLIENTS = 64
 REQUESTS = 1536
+ROUNDS = 3  # interleaved rounds per side through Envoy (REQUESTS // ROUNDS requests each)
 MODEL = "all-minilm-l6-v2"
 
 
@@ -55,12 +60,11 @@ async def _drive(call, texts: list[str]) -> float:
 
 
 async def grpc_throughput(address: str) -> float:
-    import grpc
-
     from fmapi.embedding.v1 import embedding_pb2 as pb
     from fmapi.embedding.v1 import embedding_pb2_grpc
+    from fmapi_common.channels import make_channel
 
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with make_channel(address, None, "embedding") as ch:
         stub = embedding_pb2_grpc.EmbeddingServiceStub(ch)
 
         async def call(text):
@@ -69,7 +73,7 @@ async def grpc_throughput(address: str) -> float:
         return await _drive(call, sentences(REQUESTS, seed=2))
 
 
-async def http_throughput(base_url: str, token: str) -> float:
+async def http_throughput(base_url: str, token: str, n: int = REQUESTS, seed: int = 3) -> float:
     import httpx
 
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
@@ -82,7 +86,7 @@ async def http_throughput(base_url: str, token: str) -> float:
                                                           "encoding_format": "base64"})
             r.raise_for_status()
 
-        return await _drive(call, sentences(REQUESTS, seed=3))
+        return await _drive(call, sentences(n, seed=seed))
 
 
 def run() -> dict[str, float]:
@@ -95,8 +99,10 @@ def run() -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         sup = Supervisor(Path(tmp) / "logs")
+        # The service alone, plaintext: what its batching reaches (TLS is measured below).
         child = sup.start("embedding", [sys.executable, "-m", "fmapi_embedding"],
                           {"FMAPI_EMBEDDING_PORT_FILE": f"{tmp}/port", "HF_HUB_OFFLINE": "1",
+                           "FMAPI_EMBEDDING_INSECURE": "true",
                            "FMAPI_EMBEDDING_MODELS": json.dumps({MODEL: "package"})})
         port = sup.wait_for_file(child, Path(tmp) / "port", 120)
         try:
@@ -105,14 +111,27 @@ def run() -> dict[str, float]:
             sup.stop()
 
     with tempfile.TemporaryDirectory() as tmp:
-        system = System(SystemOptions(
-            runtime_dir=Path(tmp), http_port=0,
-            endpoints_file=ROOT / "infra" / "endpoints" / "embeddings-only.yaml"))
-        system.start()
+        systems = {
+            name: System(SystemOptions(
+                runtime_dir=Path(tmp) / name, http_port=0, tls=tls,
+                endpoints_file=ROOT / "infra" / "endpoints" / "embeddings-only.yaml"))
+            for name, tls in (("mtls", True), ("plain", False))
+        }
+        rates: dict[str, list[float]] = {name: [] for name in systems}
         try:
-            through_envoy = asyncio.run(http_throughput(system.base_url, system.admin_token))
+            for system in systems.values():
+                system.start()
+            names = list(systems)
+            for r in range(ROUNDS):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    s_ = systems[name]
+                    rates[name].append(asyncio.run(
+                        http_throughput(s_.base_url, s_.admin_token, REQUESTS // ROUNDS, seed=3 + r)))
         finally:
-            system.stop()
+            for system in systems.values():
+                system.stop()
+    through_envoy = sum(rates["mtls"]) / ROUNDS
+    through_plain = sum(rates["plain"]) / ROUNDS
 
     table(
         f"embeddings: {CLIENTS} concurrent clients, one sentence per request, {REQUESTS} requests",
@@ -121,12 +140,16 @@ def run() -> dict[str, float]:
             ("raw encode, batch 32, arrival order", f"{raw32_arrival:8.1f} sentences/s"),
             ("raw encode, batch 1", f"{raw1:8.1f} sentences/s"),
             ("embedding service (gRPC)", f"{service:8.1f} sentences/s"),
-            ("Envoy + gateway (REST)", f"{through_envoy:8.1f} sentences/s"),
+            ("Envoy + gateway (REST), mTLS inside", f"{through_envoy:8.1f} sentences/s"),
+            ("Envoy + gateway (REST), plaintext inside", f"{through_plain:8.1f} sentences/s"),
             ("service / raw batch-32", f"{service / raw32:8.2f}   (goal >= 0.70)"),
             ("service / raw batch-32 arrival order", f"{service / raw32_arrival:8.2f}"),
             ("service / raw batch-1", f"{service / raw1:8.2f}"),
             ("Envoy+gateway / raw batch-32", f"{through_envoy / raw32:8.2f}"),
+            ("mTLS / plaintext through Envoy", f"{through_envoy / through_plain:8.2f}"),
+            ("  rounds mTLS", " ".join(f"{x:.0f}" for x in rates["mtls"])),
+            ("  rounds plaintext", " ".join(f"{x:.0f}" for x in rates["plain"])),
         ],
     )
     return {"raw32": raw32, "raw32_arrival": raw32_arrival, "raw1": raw1, "service": service,
-            "envoy": through_envoy}
+            "envoy": through_envoy, "envoy_plaintext": through_plain}

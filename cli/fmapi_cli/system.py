@@ -203,16 +203,16 @@ class System:
                 raise ChildFailed(f"redis-server did not start:\n{child.tail()}")
             time.sleep(0.02)
 
-    def _envoy_config(self) -> dict:
+    def _envoy_config(self, name: str, ext_authz: bool) -> dict:
         cfg = yaml.safe_load(string.Template(ENVOY_TEMPLATE.read_text()).substitute(
-            LISTEN_HOST=self.opts.listen_host,
-            LISTEN_PORT=self.opts.http_port,
+            LISTEN_HOST=self.opts.listen_host if name == "envoy" else "127.0.0.1",
+            LISTEN_PORT=self.opts.http_port if name == "envoy" else 0,
             GATEWAY_HTTP_PORT=self.ports["gateway-http"],
             GATEWAY_GRPC_PORT=self.ports["gateway"],
             AUTH_PORT=self.ports["auth"],
-            EXT_AUTHZ_DISABLED="false" if self.opts.ext_authz else "true",
-            ACCESS_LOG=str(self.run_dir / "logs" / "envoy-access.log"),
-            ADMIN_SOCKET=str(self.envoy_admin_socket),
+            EXT_AUTHZ_DISABLED="false" if ext_authz else "true",
+            ACCESS_LOG=str(self.run_dir / "logs" / f"{name}-access.log"),
+            ADMIN_SOCKET=str(self.run_dir / f"{name}-admin.sock"),
         ))
         if self.opts.tls:
             upstream = {"auth": AUTH, "gateway_grpc": GATEWAY, "gateway_http": GATEWAY}
@@ -225,31 +225,37 @@ class System:
 
     def _start_envoy(self) -> None:
         self.envoy_admin_socket = self.run_dir / "envoy-admin.sock"
-        self.envoy_admin_socket.unlink(missing_ok=True)
-        cfg_path = self.run_dir / "envoy.yaml"
-        cfg_path.write_text(yaml.safe_dump(self._envoy_config(), sort_keys=False))
+        self.http_port = self.start_envoy("envoy", ext_authz=self.opts.ext_authz)
+
+    def start_envoy(self, name: str, *, ext_authz: bool) -> int:
+        """Start an Envoy in front of this system's gateway and auth; returns its public port.
+
+        ``fmapi dev up`` starts one ("envoy"); the auth benchmark a second without ext_authz."""
+        admin_socket = self.run_dir / f"{name}-admin.sock"
+        admin_socket.unlink(missing_ok=True)
+        cfg_path = self.run_dir / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(self._envoy_config(name, ext_authz), sort_keys=False))
         envoy = self.sup.start(
-            "envoy",
+            name,
             [_bin("envoy"), "-c", str(cfg_path), "--disable-hot-restart", "--log-level", "warn",
              "--concurrency", "2"],
         )
         deadline = time.monotonic() + 30
         while True:
             try:
-                listeners = self.envoy_admin("/listeners?format=json").json()["listener_statuses"]
-                port = listeners[0]["local_address"]["socket_address"]["port_value"]
+                listeners = self.envoy_admin("/listeners?format=json", socket=admin_socket).json()
+                port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
                 if port:
-                    self.http_port = int(port)
-                    return
+                    return int(port)
             except (httpx.HTTPError, KeyError, IndexError, ValueError):
                 pass
             if not envoy.alive() or time.monotonic() > deadline:
-                raise ChildFailed(f"envoy did not start listening:\n{envoy.tail()}")
+                raise ChildFailed(f"{name} did not start listening:\n{envoy.tail()}")
             time.sleep(0.1)
 
-    def envoy_admin(self, path: str, method: str = "GET") -> httpx.Response:
+    def envoy_admin(self, path: str, method: str = "GET", socket: Path | None = None) -> httpx.Response:
         """A request to Envoy's admin interface (a unix socket only this user can open)."""
-        transport = httpx.HTTPTransport(uds=str(self.envoy_admin_socket))
+        transport = httpx.HTTPTransport(uds=str(socket or self.envoy_admin_socket))
         with httpx.Client(transport=transport, base_url="http://envoy-admin", timeout=5) as c:
             return c.request(method, path)
 
