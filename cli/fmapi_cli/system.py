@@ -214,6 +214,11 @@ class System:
             ACCESS_LOG=str(self.run_dir / "logs" / f"{name}-access.log"),
             ADMIN_SOCKET=str(self.run_dir / f"{name}-admin.sock"),
         ))
+        if not ext_authz:
+            # Benchmarks only: the client signs identities as auth would, bound to a request id
+            # of its own, which this Envoy must then keep.
+            hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            hcm["typed_config"]["preserve_external_request_id"] = True
         if self.opts.tls:
             upstream = {"auth": AUTH, "gateway_grpc": GATEWAY, "gateway_http": GATEWAY}
             for cluster in cfg["static_resources"]["clusters"]:

@@ -261,6 +261,13 @@ def test_attack_captured_identity_headers_cannot_be_replayed(auth_system, admin)
                    "identity")  # the same request, later (e.g. after a revocation)
 
 
+def test_attack_a_client_cannot_choose_its_request_id(auth_system, admin):
+    """The request id keys identity signatures and usage records: Envoy always makes its own."""
+    r = admin.get("/v1/models", headers={"x-request-id": "chosen-by-the-client"})
+    assert r.status_code == 200
+    assert r.headers["x-request-id"] and r.headers["x-request-id"] != "chosen-by-the-client"
+
+
 def test_attack_envoy_admin_is_not_on_any_tcp_port(auth_system):
     import os
     import stat
