@@ -45,6 +45,9 @@ def test_dev_registry_loads():
         ({"endpoints": [ep("a", colour="red")]}, "colour"),
         ({"endpoints": [{"name": "a", "task": "llm/v1/chat", "served_entities": [
             {"model": "m1", "traffic_percentage": 60}, {"model": "m2", "traffic_percentage": 60}]}]}, "100"),
+        ({"endpoints": [ep("a", limits={"principals": [
+            {"principal": "bob", "limits": {}}, {"principal": "bob", "limits": {}}]})]}, "twice"),
+        ({"endpoints": [ep("a", limits={"endpoint": {"requests_per_minute": -1}})]}, "requests_per_minute"),
     ],
 )
 def test_bad_registry_is_refused_with_a_reason(tmp_path, doc, fragment):

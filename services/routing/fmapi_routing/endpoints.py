@@ -26,15 +26,40 @@ class ServedEntity(_Strict):
     traffic_percentage: int = Field(100, ge=0, le=100)
 
 
-class Limits(_Strict):
-    requests_per_minute: int = Field(0, ge=0)
-    input_tokens_per_minute: int = Field(0, ge=0)
-    output_tokens_per_minute: int = Field(0, ge=0)
+_PER_MINUTE = Field(0, ge=0, le=2**53)
+
+
+class RateLimits(_Strict):
+    """Per-minute limits in three dimensions (0 = unlimited)."""
+
+    requests_per_minute: int = _PER_MINUTE
+    input_tokens_per_minute: int = _PER_MINUTE
+    output_tokens_per_minute: int = _PER_MINUTE
+
+
+class PrincipalLimit(_Strict):
+    principal: str = Field(min_length=1, max_length=256)
+    limits: RateLimits
+
+
+class Limits(RateLimits):
+    """The per-minute fields are every principal's default; ``endpoint`` is a ceiling for
+    everyone together; ``principals`` override the default for named principals."""
+
+    endpoint: RateLimits = RateLimits()
+    principals: list[PrincipalLimit] = []
     default_max_tokens: int = Field(0, ge=0)
     # Longest prompt accepted, in tokens (0 = the model's context length).
     max_prompt_tokens: int = Field(0, ge=0, le=2**31 - 1)
     # Overall cap on one request's duration, streaming included (0 = the gateway's default).
     request_timeout_seconds: int = Field(0, ge=0, le=86400)
+
+    @model_validator(mode="after")
+    def _one_override_each(self) -> Limits:
+        names = [p.principal for p in self.principals]
+        if len(names) != len(set(names)):
+            raise ValueError("limits.principals names a principal twice")
+        return self
 
 
 class ProvisionedThroughput(_Strict):
