@@ -1,13 +1,16 @@
 """OpenAI-shaped chat and completions: request parsing and response/stream rendering.
 
-Shape checks live here (types, message structure, content parts); range checks (temperature,
-top_p, n, context length, ...) live in the generation service, which knows the model, and come
-back as INVALID_ARGUMENT naming the parameter.
+Shape checks live here (types, message structure, content parts), and the bounds on how many
+generation streams one request opens (at most MAX_PROMPTS prompts and MAX_CHOICES choices,
+prompts x n); range checks (temperature, top_p, n, logit_bias, context length, ...) live in the
+generation service, which knows the model, and come back as INVALID_ARGUMENT naming the
+parameter.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,11 @@ FINISH = {
     pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
     pb.FINISH_REASON_ABORT: "stop",
 }
+# One completions request opens one generation stream per prompt: bound the fan-out.
+MAX_PROMPTS = 64
+MAX_CHOICES = 128  # prompts x n
+MAX_USER_CHARS = 256
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
 _FORMATS = {
     "text": pb.RESPONSE_FORMAT_TYPE_TEXT,
     "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
@@ -64,6 +72,8 @@ class GenerationCall:
     chat: bool
     max_tokens_given: bool
     extras: dict[str, Any] = field(default_factory=dict)
+    # OpenAI's end-user id, for logs and usage records (never sent to the model).
+    user: str | None = None
 
 
 def _merge_extra_params(body: dict) -> dict:
@@ -98,6 +108,7 @@ def _sampling(body: dict, default_max_tokens: int) -> tuple[pb.SamplingParams, b
     for key in ("presence_penalty", "frequency_penalty"):
         if (v := _num(body, key)) is not None:
             setattr(s, key, v)
+    _logit_bias(body, s)
     stop = body.get("stop")
     if isinstance(stop, str):
         s.stop.append(stop)
@@ -123,6 +134,28 @@ def _sampling(body: dict, default_max_tokens: int) -> tuple[pb.SamplingParams, b
                 )
             s.json_schema = json.dumps(schema)
     return s, max_tokens is not None
+
+
+def _logit_bias(body: dict, s: pb.SamplingParams) -> None:
+    """Shape only ({"<token id>": number}); ranges and the vocabulary are the model's checks."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise InvalidArgument(
+            "'logit_bias' must be an object mapping token ids (as strings) to numbers "
+            "between -100 and 100",
+            param="logit_bias",
+        )
+    for key, value in bias.items():
+        if not _TOKEN_ID.fullmatch(key) or int(key) >= 2**31:
+            raise InvalidArgument(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise InvalidArgument(
+                f"'logit_bias' values must be numbers between -100 and 100, got {value!r} for token {key}",
+                param="logit_bias",
+            )
+        s.logit_bias[int(key)] = float(value)
 
 
 def _content_text(content: Any, i: int) -> str:
@@ -212,6 +245,12 @@ def parse_completion(body: dict, endpoint: str | None, default_max_tokens: int =
         raise InvalidArgument("token-id prompts are not supported; send text", param="prompt")
     else:
         raise InvalidArgument("'prompt' is required: a string or a non-empty list of strings", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidArgument(
+            f"'prompt' holds {len(prompts)} prompts; a request may send at most {MAX_PROMPTS} "
+            f"(and ask for at most {MAX_CHOICES} choices in all, prompts x n)",
+            param="prompt",
+        )
     echo = _bool(body, "echo")
     reqs = [pb.GenerateRequest(prompt=p, sampling=sampling, echo=echo) for p in prompts]
     return _call(body, name, reqs, chat=False, max_tokens_given=given)
@@ -246,15 +285,35 @@ def _call(body, name, reqs, *, chat: bool, max_tokens_given: bool) -> Generation
             raise InvalidArgument("'stream_options' is only allowed with 'stream': true", param="stream_options")
         include_usage = bool(opts.get("include_usage"))
     s = reqs[0].sampling
+    n = s.n if s.HasField("n") else 1
+    if len(reqs) * n > MAX_CHOICES:
+        raise InvalidArgument(
+            f"{len(reqs)} prompts x n={n} asks for {len(reqs) * n} choices; a request may ask for "
+            f"at most {MAX_CHOICES} choices in all (and send at most {MAX_PROMPTS} prompts)",
+            param="prompt" if not chat else "n",
+        )
+    best_of = _num(body, "best_of", int)
+    if best_of is not None and best_of != n:
+        raise InvalidArgument(
+            f"'best_of' is not supported (the engine has no best_of): leave it out, or send the "
+            f"same value as 'n' ({n})",
+            param="best_of",
+        )
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
+        raise InvalidArgument(
+            f"'user' must be a string of at most {MAX_USER_CHARS} characters", param="user"
+        )
     return GenerationCall(
         endpoint=name,
         requests=reqs,
         stream=stream,
         include_usage=include_usage,
-        n=s.n if s.HasField("n") else 1,
+        n=n,
         logprobs=s.logprobs,
         chat=chat,
         max_tokens_given=max_tokens_given,
+        user=user,
     )
 
 

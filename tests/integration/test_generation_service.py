@@ -25,7 +25,12 @@ from fmapi_common.errors import from_rpc_error
 from helpers import tls
 from helpers.tiny_llm import build_tiny_llama
 
-MAX_MODEL_LEN = 2048
+# Longer than the tiny model's own 2048 (VLLM_ALLOW_LONG_MAX_MODEL_LEN; its weights are random
+# anyway), so that a long prefill takes seconds (test_long_prefill_does_not_hold_up_others).
+MAX_MODEL_LEN = 8192
+# The service's default prompt cap (FMAPI_GENERATION_MAX_PROMPT_TOKENS) and grammar time limit.
+MAX_PROMPT_TOKENS = 1000
+GRAMMAR_TIMEOUT_S = 2.0
 SERVICE = "fmapi.generation.v1.GenerationService"
 
 
@@ -86,6 +91,9 @@ def generation(tmp_path_factory, tiny_model):
             "generation",
             FMAPI_GENERATION_SERVED_MODEL_NAME="tiny",
             FMAPI_GENERATION_MAX_MODEL_LEN=str(MAX_MODEL_LEN),
+            VLLM_ALLOW_LONG_MAX_MODEL_LEN="1",
+            FMAPI_GENERATION_MAX_PROMPT_TOKENS=str(MAX_PROMPT_TOKENS),
+            FMAPI_GENERATION_GRAMMAR_COMPILE_TIMEOUT_S=str(GRAMMAR_TIMEOUT_S),
         )
     finally:
         sup.stop()
@@ -134,8 +142,14 @@ class Result:
         self.usage = messages[-1].usage
 
 
+def accepted(msg: pb.GenerateResponse) -> bool:
+    """The empty first message: validated and queued in the engine."""
+    return not msg.choices and not msg.HasField("usage")
+
+
 async def run(stub, req) -> Result:
     messages = [m async for m in stub.Generate(req)]
+    assert accepted(messages[0])
     # Usage comes once, on the last message, which carries no choices.
     assert messages[-1].HasField("usage") and not messages[-1].choices
     assert not any(m.HasField("usage") for m in messages[:-1])
@@ -240,7 +254,7 @@ async def test_echo_returns_the_prompt_first(stub):
             prompt="hello world", echo=True, sampling=pb.SamplingParams(max_tokens=3)
         ),
     )
-    assert r.messages[0].choices[0].text == "hello world" and r.text[0].startswith("hello world")
+    assert r.messages[1].choices[0].text == "hello world" and r.text[0].startswith("hello world")
 
 
 SCHEMA = {
@@ -404,7 +418,7 @@ async def test_deadline_aborts_the_engine_request(stub):
     await wait_idle(stub, 1.0)
 
 
-LONG_PROMPT = "hello world " * 1500  # well over 2048 tokens
+LONG_PROMPT = "hello world " * 600  # over the service's 1000-token default cap
 
 
 @pytest.mark.parametrize(
@@ -415,11 +429,17 @@ LONG_PROMPT = "hello world " * 1500  # well over 2048 tokens
         (chat_req(sampling=pb.SamplingParams(n=0)), "n", ["n must be between 1"]),
         (chat_req(sampling=pb.SamplingParams(max_tokens=0)), "max_tokens", ["at least 1"]),
         (
-            chat_req(sampling=pb.SamplingParams(max_tokens=5000)),
+            chat_req(sampling=pb.SamplingParams(max_tokens=9000)),
             "max_tokens",
-            ["2048-token context"],
+            ["8192-token context"],
         ),
-        (pb.GenerateRequest(prompt=LONG_PROMPT), "prompt", ["tokens long", "2048"]),
+        (pb.GenerateRequest(prompt=LONG_PROMPT), "prompt", ["tokens long", "at most 1000"]),
+        (
+            # An endpoint cap above the context: the context still bounds the prompt.
+            pb.GenerateRequest(prompt="hello world " * 4500, max_prompt_tokens=20000),
+            "prompt",
+            ["tokens long", "context of 8192"],
+        ),
         (pb.GenerateRequest(chat=pb.Chat()), "messages", ["at least one message"]),
         (
             pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="x")])),
@@ -480,6 +500,210 @@ async def test_concurrent_streams_are_independent(stub):
     alone = [(await run(stub, r)).text[0] for r in reqs]
     together = await asyncio.gather(*(run(stub, r) for r in reqs))
     assert [r.text[0] for r in together] == alone
+
+
+# ---------------------------------------------------------------- long prompts (finding 5)
+
+
+async def invalid(stub, req) -> tuple[Exception, float]:
+    """The INVALID_ARGUMENT a request gets (as a domain error), and how long it took."""
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as ei:
+        async for _ in stub.Generate(req):
+            pass
+    took = time.monotonic() - start
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+    return from_rpc_error(ei.value), took
+
+
+def words_prompt(tokenizer, tokens: int, seed: int) -> str:
+    """Random words (no prefix shared with other tests' prompts) of about ``tokens`` tokens."""
+    import random
+
+    from helpers.tiny_llm import _WORDS
+
+    rng, words = random.Random(seed), _WORDS.split()
+    text = " ".join(rng.choice(words) for _ in range(tokens))
+    ids = tokenizer.encode(text)[:tokens]
+    return tokenizer.decode(ids[1:])
+
+
+async def test_prompt_caps_refuse_before_the_engine(stub, tokenizer):
+    # The service's default cap (no endpoint cap sent): 1202 tokens > 1000.
+    err, took = await invalid(stub, pb.GenerateRequest(prompt=LONG_PROMPT))
+    n = len(tokenizer.encode(LONG_PROMPT))
+    assert err.param == "prompt" and f"is {n} tokens long" in err.message
+    assert "at most 1000" in err.message
+    # An endpoint's cap (GenerateRequest.max_prompt_tokens, set by the gateway) wins: lower...
+    req = chat_req("hello there, how are you today")
+    req.max_prompt_tokens = 5
+    err, _ = await invalid(stub, req)
+    assert err.param == "messages" and "at most 5 tokens" in err.message
+    # ... or higher than the default.
+    long = pb.GenerateRequest(
+        prompt=LONG_PROMPT, max_prompt_tokens=2000, sampling=pb.SamplingParams(max_tokens=1)
+    )
+    r = await run(stub, long)
+    assert r.usage.prompt_tokens == n
+    assert await running(stub) == 0
+
+
+async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
+    """A short request sent while a ~6700-token prompt prefills gets its first token long before
+    that prefill ends; and the long request is accepted (its first, empty message) at once.
+
+    Measured on this 2-core machine (other tests running beside it) with the tiny model:
+    - the service's defaults (chunked prefill in 512-token steps; while others wait, a prompt
+      prefills at most 256 tokens a step): long prompt's first token 5.2 s, the short request's
+      0.39 s (all 4 tokens 0.79 s), the long one accepted after 0.11 s;
+    - vLLM's defaults (FMAPI_GENERATION_LONG_PREFILL_TOKEN_THRESHOLD=0 and
+      FMAPI_GENERATION_MAX_NUM_BATCHED_TOKENS=2048: chunked, but the long prompt takes every
+      step's whole budget): long 6.57 s, short 6.33 s;
+    - FMAPI_GENERATION_ENABLE_CHUNKED_PREFILL=false: long 5.70 s, short 5.49 s.
+    Without the fix the short request waits for the whole prefill (ratio ~0.96); with it the
+    ratio is ~0.08. Ratios, not seconds, are asserted (short < 0.35 x long), so a slower or
+    busier machine does not fail the test.
+    """
+    long_req = pb.GenerateRequest(
+        prompt=words_prompt(tokenizer, 6000, seed=5),
+        sampling=pb.SamplingParams(max_tokens=1, temperature=0),
+        max_prompt_tokens=MAX_MODEL_LEN,  # an endpoint that allows it
+    )
+    short_req = pb.GenerateRequest(
+        prompt="hello", sampling=pb.SamplingParams(max_tokens=4, temperature=0)
+    )
+    start = time.monotonic()
+    long_call = stub.Generate(long_req)
+    assert accepted(await long_call.read())
+    long_accepted = time.monotonic() - start
+
+    async def first_token_and_end(call, t0):
+        first = None
+        async for m in call:
+            if first is None and m.choices:
+                first = time.monotonic() - t0
+        return first, time.monotonic() - t0
+
+    long_task = asyncio.create_task(first_token_and_end(long_call, start))
+    await asyncio.sleep(0.2)  # the long prefill is under way
+    short_start = time.monotonic()
+    short_ttft, short_done = await first_token_and_end(stub.Generate(short_req), short_start)
+    long_ttft, _ = await long_task
+    short_done_at = short_start - start + short_done
+    print(
+        f"long: accepted {long_accepted:.2f}s, first token {long_ttft:.2f}s; "
+        f"short: first token {short_ttft:.2f}s, done {short_done:.2f}s"
+    )
+    assert long_ttft > 1.0, "the long prompt is too short to show anything on this machine"
+    assert long_accepted < 0.25 * long_ttft  # headers need not wait for the prefill
+    assert short_ttft < 0.35 * long_ttft
+    assert short_done_at < long_ttft  # the short request is over before the long prefill is
+
+
+# ---------------------------------------------------------------- schemas (finding 9)
+
+
+def schema_req(schema, **kw) -> pb.GenerateRequest:
+    return chat_req(
+        "json please",
+        pb.SamplingParams(
+            max_tokens=20,
+            response_format=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            json_schema=json.dumps(schema),
+        ),
+        **kw,
+    )
+
+
+def forced_tool_req(parameters, tool_choice="f") -> pb.GenerateRequest:
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    return chat_req(
+        "call it",
+        pb.SamplingParams(max_tokens=60),
+        tools_json=json.dumps([tool]),
+        tool_choice=tool_choice,
+    )
+
+
+@pytest.mark.parametrize(
+    "req, param, words",
+    [
+        # The probe's attacks: 65 s and ~110 s of engine time before; refused by size now.
+        (schema_req({"enum": [f"value{i}" for i in range(50_000)]}), "response_format", ["bytes"]),
+        (schema_req({"const": "x" * 1_000_000}), "response_format", ["bytes", "65536"]),
+        # 200 with empty content and finish_reason stop before.
+        (schema_req({"$ref": "#"}), "response_format", ["admits no JSON value"]),
+        (forced_tool_req({"$ref": "#"}), "tools", ["admits no JSON value"]),
+        (schema_req({"enum": []}), "response_format", ["cannot be compiled"]),
+        # 47 bytes, ~36 s to compile on this vocabulary: cut off at the time limit.
+        (
+            schema_req({"type": "string", "pattern": "[a-z]{1,20000}"}),
+            "response_format",
+            ["within 2 s"],
+        ),
+    ],
+    ids=["enum-50k", "const-1MB", "ref-self", "tool-ref-self", "enum-empty", "slow-pattern"],
+)
+async def test_pathological_schemas_are_refused_quickly(stub, req, param, words):
+    err, took = await invalid(stub, req)
+    assert err.param == param, (err.param, err.message)
+    for w in words:
+        assert w in err.message, err.message
+    # The compile limit (2 s here), and a worker restart when the previous case was cut off.
+    assert took < GRAMMAR_TIMEOUT_S + 8, took
+    assert await running(stub) == 0
+
+
+LOOP = {
+    "type": "object",
+    "properties": {"a": {"$ref": "#/$defs/loop"}},
+    "required": ["a"],
+    "$defs": {"loop": {"$ref": "#/$defs/loop"}},
+}
+
+
+@pytest.mark.parametrize(
+    "req, param",
+    [
+        (schema_req(LOOP), "response_format"),
+        # tool_choice required: {"name": "f", "arguments": <a $ref to itself>}.
+        (forced_tool_req({"$ref": "#"}, "required"), "tools"),
+    ],
+    ids=["response_format", "tools"],
+)
+async def test_grammar_dead_end_in_the_engine_is_an_error_not_a_stop(stub, req, param):
+    # Compiles and starts fine ('{"a":'), then the grammar has no way on: vLLM fails the
+    # request ("error" finish), which must not reach the caller as a normal stop.
+    messages = []
+    with pytest.raises(grpc.RpcError) as ei:
+        async for m in stub.Generate(req):
+            messages.append(m)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+    err = from_rpc_error(ei.value)
+    assert err.param == param and "dead end" in err.message, err.message
+    assert accepted(messages[0])
+    assert not any(c.finish_reason for m in messages for c in m.choices)
+    await wait_idle(stub, 1.0)
+
+
+# ---------------------------------------------------------------- logit_bias (finding 13)
+
+
+async def test_logit_bias_reaches_the_engine(stub, tokenizer):
+    (fox,) = tokenizer.encode(" fox", add_special_tokens=False)
+    sampling = pb.SamplingParams(max_tokens=5, temperature=0, logit_bias={fox: 100})
+    r = await run(stub, pb.GenerateRequest(prompt="hello", sampling=sampling))
+    assert r.text[0] == " fox" * 5
+    sampling = pb.SamplingParams(max_tokens=5, temperature=0)
+    plain = await run(stub, pb.GenerateRequest(prompt="hello", sampling=sampling))
+    assert plain.text[0] != r.text[0]
+    # Out of the vocabulary: vLLM's own check, as a 400 naming logit_bias.
+    sampling = pb.SamplingParams(max_tokens=5, logit_bias={len(tokenizer) + 10: 5})
+    err, _ = await invalid(stub, pb.GenerateRequest(prompt="hello", sampling=sampling))
+    assert err.param == "logit_bias" and str(len(tokenizer) + 10) in err.message
+    sampling = pb.SamplingParams(max_tokens=5, logit_bias={fox: 101})
+    err, _ = await invalid(stub, pb.GenerateRequest(prompt="hello", sampling=sampling))
+    assert err.param == "logit_bias" and "between -100 and 100" in err.message
 
 
 # ---------------------------------------------------------------- real model

@@ -333,3 +333,75 @@ def test_control_characters_in_json_strings_are_escaped_across_chunks():
     assert value == {"city": ':g93\x04ull"one\x1a', "n": 1, "s": "a\\", "t": "\n"}
     with pytest.raises(ValueError):
         json.loads(raw)
+
+
+def test_required_schema_keeps_each_tools_own_references():
+    tree = Tool(
+        "tree",
+        "",
+        {
+            "type": "object",
+            "properties": {
+                "value": {"$ref": "#/$defs/leaf"},
+                "children": {"type": "array", "items": {"$ref": "#"}},
+            },
+            "required": ["value"],
+            "$defs": {"leaf": {"type": "integer"}},
+        },
+    )
+    schema = toolcalls.forced_schema([WEATHER, tree], None)
+    call = {"name": "tree", "arguments": {"value": 1, "children": [{"value": 2, "children": []}]}}
+    jsonschema.validate(call, schema)
+    for wrong in (
+        {"name": "tree", "arguments": {"value": "one"}},
+        {"name": "tree", "arguments": {"value": 1, "children": [{"value": "two"}]}},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, schema)
+    assert toolcalls.forced_schema([tree], "tree") == tree.parameters
+
+
+def test_logit_bias_and_prompt_cap_are_carried_to_vllm():
+    from fmapi_generation.engine import to_sampling_params
+
+    inp = request_from_proto(
+        pb.GenerateRequest(
+            prompt="hi", max_prompt_tokens=99, sampling=pb.SamplingParams(logit_bias={7: -100})
+        )
+    )
+    assert inp.max_prompt_tokens == 99 and inp.sampling.logit_bias == {7: -100.0}
+    sp = to_sampling_params(EngineSampling(max_tokens=1, logit_bias={7: -100.0}))
+    assert sp.logit_bias == {7: -100.0}
+    assert to_sampling_params(EngineSampling(max_tokens=1)).logit_bias is None
+
+
+def test_engine_error_finish_is_not_a_stop():
+    from vllm.outputs import CompletionOutput
+
+    from fmapi_generation.engine import to_choice_step
+
+    def out(reason):
+        return CompletionOutput(
+            index=0, text="", token_ids=[], cumulative_logprob=None, logprobs=None,
+            finish_reason=reason,
+        )
+
+    assert to_choice_step(out("error"), None).finish_reason == FinishReason.ERROR
+    assert to_choice_step(out("abort"), None).finish_reason == FinishReason.ABORT
+    assert to_choice_step(out("repetition"), None).finish_reason == FinishReason.STOP
+
+
+def test_chunked_prefill_defaults():
+    from fmapi_generation.config import GenerationConfig
+    from fmapi_generation.engine import chunked_prefill_settings
+
+    def settings(cpu=True, **kw):
+        config = GenerationConfig.model_construct(model_path="/m", **kw)
+        return chunked_prefill_settings(config, cpu)
+
+    assert settings() == (512, 256)
+    assert settings(cpu=False) == (None, 1024)
+    assert settings(max_model_len=128) == (512, 128)
+    assert settings(long_prefill_token_threshold=0) == (512, 0)
+    assert settings(max_num_batched_tokens=2048, long_prefill_token_threshold=4096) == (2048, 2048)
+    assert settings(enable_chunked_prefill=False) == (None, 0)

@@ -248,3 +248,93 @@ def test_resolve_max_tokens():
     with pytest.raises(InvalidArgument) as ei:
         resolve_max_tokens(100, None, 100, "messages")
     assert ei.value.param == "messages" and "100 tokens long" in ei.value.message
+
+
+# ---------------------------------------------------------------- prompt caps (finding 5)
+
+
+def test_prompt_longer_than_its_cap_is_refused_with_both_numbers():
+    # The cap is checked before the context: a 20k-token prompt never reaches the engine.
+    with pytest.raises(InvalidArgument) as ei:
+        resolve_max_tokens(20_000, None, 32_768, "messages", max_prompt_tokens=8192)
+    err = ei.value
+    assert err.param == "messages" and "20000" in err.message and "8192" in err.message
+    assert resolve_max_tokens(8192, None, 32_768, "prompt", max_prompt_tokens=8192) == 24_576
+    # 0 = no cap but the context.
+    assert resolve_max_tokens(20_000, 10, 32_768, "prompt", max_prompt_tokens=0) == 10
+
+
+def test_the_endpoint_cap_overrides_the_service_default():
+    limits = Limits(max_prompt_tokens=8192)
+    assert validate(GenerateInput(prompt="x"), limits).max_prompt_tokens == 8192
+    plan = validate(GenerateInput(prompt="x", max_prompt_tokens=100), limits)
+    assert plan.max_prompt_tokens == 100
+    assert (
+        validate(GenerateInput(prompt="x", max_prompt_tokens=16_000), limits).max_prompt_tokens
+        == 16_000
+    )
+    assert validate(GenerateInput(prompt="x")).max_prompt_tokens == 0
+    bad(GenerateInput(prompt="x", max_prompt_tokens=-1), "max_prompt_tokens")
+
+
+# ---------------------------------------------------------------- schema bounds (finding 9)
+
+
+def schema_req(schema) -> GenerateInput:
+    return GenerateInput(
+        prompt="x",
+        sampling=Sampling(
+            response_format=ResponseFormat.JSON_SCHEMA, json_schema=json.dumps(schema)
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"enum": [f"value{i}" for i in range(50_000)]},  # ~700 KB
+        {"const": "x" * 1_000_000},  # 1 MB
+    ],
+    ids=["enum-50k", "const-1MB"],
+)
+def test_oversized_response_format_schema_is_refused_before_parsing(schema):
+    err = bad(schema_req(schema), "response_format", "bytes", "65536")
+    assert str(len(json.dumps(schema))) in err.message
+
+
+def test_schema_size_bound_is_configurable():
+    schema = {"const": "x" * 2000}
+    bad(schema_req(schema), "response_format", "1024", limits=Limits(max_schema_bytes=1024))
+    assert validate(schema_req(schema)).schema_param == "response_format"
+
+
+def test_forced_tool_schema_is_bounded_and_named_tools():
+    big = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"enum": [f"v{i}" for i in range(20_000)]}},
+    }
+    bad(tools_req("required", tools=[big]), "tools", "bytes")
+    bad(tools_req("f", tools=[big]), "tools", "bytes")
+    # Not forced: the tools only reach the prompt (bounded by the prompt cap), no grammar.
+    plan = validate(tools_req("none", tools=[big]))
+    assert plan.schema_param is None and plan.sampling.json_schema is None
+    plan = validate(tools_req("get_weather"))
+    assert plan.schema_param == "tools"
+    assert plan.sampling.json_schema == WEATHER["function"]["parameters"]
+
+
+# ---------------------------------------------------------------- logit_bias (finding 13)
+
+
+def test_logit_bias_ranges():
+    s = validate(GenerateInput(prompt="x", sampling=Sampling(logit_bias={5: -100, 7: 100.0})))
+    assert s.sampling.logit_bias == {5: -100.0, 7: 100.0}
+    assert validate(GenerateInput(prompt="x")).sampling.logit_bias is None
+    for bias, words in [
+        ({5: 100.5}, ["between -100 and 100", "100.5", "token 5"]),
+        ({5: -101}, ["between -100 and 100"]),
+        ({5: float("nan")}, ["between -100 and 100"]),
+        ({-1: 1}, ["token ids"]),
+        ({i: 1.0 for i in range(301)}, ["at most 300", "301"]),
+    ]:
+        bad(GenerateInput(prompt="x", sampling=Sampling(logit_bias=bias)), "logit_bias", *words)

@@ -27,6 +27,8 @@ class AuthConfig(ServiceConfig):
     last_used_interval_seconds: float = Field(default=60.0, ge=0.0)
     # Redis socket and connect timeout; a Check waits at most about twice this before failing.
     redis_timeout_seconds: float = Field(default=0.5, gt=0.0)
+    # Redis connections per replica; more concurrent Checks wait (up to the timeout) for one.
+    redis_max_connections: int = Field(default=64, ge=2)
     # Remove the Authorization header before Envoy forwards the request (backends never see it).
     strip_authorization: bool = True
     # Run on uvloop (installed with uvicorn[standard]) instead of asyncio's own loop. grpc.aio

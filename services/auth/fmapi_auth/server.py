@@ -25,10 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def make_redis(config: AuthConfig, *, for_pubsub: bool = False) -> aioredis.Redis:
-    """A client that fails fast: one retry (a stale pooled connection), short timeouts."""
+    """A client that fails fast: one retry (a stale pooled connection), short timeouts, and a
+    bounded pool that a burst of concurrent Checks waits for (redis-py's default pool refuses
+    past 100 connections, which turned a burst into 503s)."""
     t = config.redis_timeout_seconds
-    return aioredis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
+        max_connections=config.redis_max_connections,
+        timeout=t,
         decode_responses=True,
         socket_connect_timeout=t,
         # The subscriber blocks on reads; a dropped connection still ends its read at once.
@@ -36,6 +40,7 @@ def make_redis(config: AuthConfig, *, for_pubsub: bool = False) -> aioredis.Redi
         retry=Retry(NoBackoff(), 0 if for_pubsub else 1),
         client_name="fmapi-auth",
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def make_store(config: AuthConfig) -> TokenStore:

@@ -40,6 +40,18 @@ class GenerationConfig(ServiceConfig):
     enforce_eager: bool | None = None
     # Most sequences decoded at once; default: vLLM's.
     max_num_seqs: int | None = Field(None, ge=1)
+    # Chunked prefill: a prompt is prefilled in chunks, in the same engine steps as other
+    # requests' decoding. Two knobs make it fair (vLLM schedules running requests first, so
+    # without a per-request cap one long prefill takes every step's whole token budget and new
+    # requests wait for all of it):
+    enable_chunked_prefill: bool = True
+    # Tokens one engine step may process (all requests together). Default: 512 on CPU (a new
+    # request waits at most one step of that size), vLLM's own on GPU.
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    # Most prompt tokens one request may prefill in a step while other requests are waiting or
+    # running (vLLM's long_prefill_token_threshold; alone, a request uses the whole budget).
+    # Default: 256 on CPU, 1024 on GPU; 0 turns the cap off.
+    long_prefill_token_threshold: int | None = Field(None, ge=0)
     seed: int = 0
     # Structured outputs (JSON schema, tool calls). Compact JSON keeps small models from
     # looping on whitespace.
@@ -47,6 +59,16 @@ class GenerationConfig(ServiceConfig):
     compact_json: bool = True
 
     # --- requests
+    # Longest prompt accepted, in tokens, for requests whose endpoint sets no cap of its own
+    # (GenerateRequest.max_prompt_tokens); 0 = the context length. Prefill cost grows with the
+    # square of the length: on 2 CPU cores Gemma 3 270M prefills 20k tokens in about a minute.
+    max_prompt_tokens: int = Field(8192, ge=0)
+    # Structured outputs (response_format json_schema, forced tool calls): the largest schema
+    # accepted (bytes of its JSON), and how long compiling its grammar may take. The grammar is
+    # compiled in a separate worker process (killed when it runs past the limit) before the
+    # request reaches the engine; xgrammar backend only.
+    max_schema_bytes: int = Field(65536, ge=1024)
+    grammar_compile_timeout_s: float = Field(5.0, gt=0)
     # Jinja chat template file; overrides the model's own (a request may override both).
     chat_template: str | None = None
     # Extra stop strings for chat requests (JSON list); default: "stop_strings" in the model's

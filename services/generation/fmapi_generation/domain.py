@@ -22,6 +22,9 @@ class FinishReason(StrEnum):
     LENGTH = "length"
     TOOL_CALLS = "tool_calls"
     ABORT = "abort"
+    # The engine gave up on the request (e.g. its output grammar reached a dead end): never
+    # shown to callers as a finish reason; the service turns it into an error.
+    ERROR = "error"
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Sampling:
     top_logprobs: int = 0
     response_format: ResponseFormat = ResponseFormat.TEXT
     json_schema: str = ""
+    # Token id -> bias added to its logit.
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +71,8 @@ class GenerateInput:
     tool_choice: str = ""
     sampling: Sampling = field(default_factory=Sampling)
     echo: bool = False
+    # Longest prompt accepted, in tokens (the endpoint's cap); 0 = the service's default.
+    max_prompt_tokens: int = 0
 
 
 # ---------------------------------------------------------------- what the engine is asked
@@ -96,6 +103,7 @@ class EngineSampling:
     # Constrained decoding: a JSON schema (dict), or any JSON object.
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
+    logit_bias: dict[int, float] | None = None
 
 
 # ---------------------------------------------------------------- what comes back

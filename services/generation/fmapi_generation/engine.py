@@ -26,7 +26,10 @@ _FINISH = {
     "stop": FinishReason.STOP,
     "length": FinishReason.LENGTH,
     "abort": FinishReason.ABORT,
-    "error": FinishReason.ABORT,
+    # The engine failed the request (e.g. its grammar reached a dead end): an error, never a stop.
+    "error": FinishReason.ERROR,
+    # vLLM's optional repetition detection (off unless configured) ends a choice like a stop.
+    "repetition": FinishReason.STOP,
 }
 
 
@@ -35,6 +38,8 @@ class Engine(Protocol):
 
     model: str
     max_model_len: int
+    # Token ids the model knows (its embedding rows; may exceed the tokenizer's length).
+    vocab_size: int
     # A Hugging Face tokenizer (chat templates, BOS handling, token counts).
     tokenizer: Any
 
@@ -45,9 +50,11 @@ class Engine(Protocol):
     def generate(
         self, prompt_ids: list[int], sampling: EngineSampling, request_id: str, *, raw: bool = False
     ) -> AsyncIterator[list[ChoiceStep]]:
-        """Stream new output per choice. Closing the iterator (or cancelling the task that
-        drives it) aborts the request in the engine. ``raw`` keeps special tokens in the text
-        (tool-call parsers need them)."""
+        """Stream new output per choice. The first item is always an empty list, yielded once
+        the engine has validated and queued the request (before its prefill); a refusal is
+        raised before it. Closing the iterator (or cancelling the task that drives it) aborts
+        the request in the engine. ``raw`` keeps special tokens in the text (tool-call parsers
+        need them)."""
         ...
 
     def tool_parser(self) -> Any | None:
@@ -81,6 +88,7 @@ def to_sampling_params(s: EngineSampling, *, raw: bool = False):
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         logprobs=s.logprobs,
+        logit_bias=dict(s.logit_bias) if s.logit_bias else None,
         structured_outputs=structured,
         skip_special_tokens=not raw,
         output_kind=RequestOutputKind.DELTA,
@@ -123,6 +131,40 @@ def _token_text(lp: Any, token_id: int, tokenizer: Any) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else ""
 
 
+def chunked_prefill_settings(config: GenerationConfig, cpu: bool) -> tuple[int | None, int]:
+    """(max_num_batched_tokens, long_prefill_token_threshold) for vLLM, defaults filled in.
+
+    vLLM schedules running requests before waiting ones, so with chunked prefill alone a long
+    prompt takes each step's whole token budget until it is prefilled, and a request that
+    arrives meanwhile waits for all of it (measured: 17 s behind a 16k-token prompt of the tiny
+    test model on 2 cores). The per-request cap leaves room in every step for other requests;
+    a request alone in the engine still uses the whole budget.
+    """
+    batched = config.max_num_batched_tokens
+    if not config.enable_chunked_prefill:
+        return batched, 0  # vLLM sizes the budget to fit a whole prompt
+    if batched is None and cpu:
+        # Measured with the tiny test model: 512-token steps prefill as fast as 1024 or 2048 on
+        # CPU, and halve the wait of a request that arrives during a long prefill.
+        batched = max(512, config.max_num_seqs or 0)
+    threshold = config.long_prefill_token_threshold
+    if threshold is None:
+        threshold = 256 if cpu else 1024
+    if batched is not None:
+        threshold = min(threshold, batched)
+    if config.max_model_len is not None:
+        threshold = min(threshold, config.max_model_len)
+    return batched, threshold
+
+
+def _refused(exc: Exception, params: Any) -> InvalidArgument:
+    """A request vLLM refused, naming the parameter when vLLM did."""
+    param = getattr(exc, "parameter", None)
+    if param is None and params.structured_outputs is not None:
+        param = "response_format"
+    return InvalidArgument(f"the model engine refused the request: {exc}", param=param)
+
+
 class VllmEngine:
     """vLLM ``AsyncLLM`` behind the :class:`Engine` interface."""
 
@@ -131,6 +173,7 @@ class VllmEngine:
         self.tokenizer = tokenizer
         self.model = model
         self.max_model_len: int = llm.model_config.max_model_len
+        self.vocab_size: int = llm.model_config.get_vocab_size()
         self._parser_cls = parser_cls
 
     @classmethod
@@ -157,6 +200,7 @@ class VllmEngine:
             if util is None:
                 util = 0.2 if cpu else 0.9
             eager = cpu if config.enforce_eager is None else config.enforce_eager
+            batched, long_prefill = chunked_prefill_settings(config, cpu)
             args = AsyncEngineArgs(
                 model=config.model_path,
                 tokenizer=config.model_path,
@@ -167,6 +211,9 @@ class VllmEngine:
                 gpu_memory_utilization=util,
                 enforce_eager=eager,
                 max_num_seqs=config.max_num_seqs,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                max_num_batched_tokens=batched,
+                long_prefill_token_threshold=long_prefill,
                 seed=config.seed,
                 max_logprobs=config.max_top_logprobs,
                 structured_outputs_config={
@@ -196,7 +243,10 @@ class VllmEngine:
     async def generate(
         self, prompt_ids: list[int], sampling: EngineSampling, request_id: str, *, raw: bool = False
     ) -> AsyncIterator[list[ChoiceStep]]:
+        # AsyncLLM.generate() adds the request and waits for its first output in one step; this is
+        # the same loop with the two apart, so the caller hears "accepted" before the prefill.
         from vllm.exceptions import VLLMClientError
+        from vllm.outputs import STREAM_FINISHED
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
@@ -204,22 +254,34 @@ class VllmEngine:
         except (ValueError, VLLMClientError) as exc:
             param = getattr(exc, "parameter", None)
             raise InvalidArgument(f"invalid sampling parameters: {exc}", param=param) from None
-        stream = self._llm.generate(self._engine_input(prompt_ids), params, request_id)
         try:
-            async for out in stream:
-                yield [to_choice_step(o, sampling.logprobs, self.tokenizer) for o in out.outputs]
+            # vLLM's own checks (logit_bias ids against the vocabulary, the schema, ...), then
+            # the request is queued in the engine core.
+            queue = await self._llm.add_request(
+                request_id, self._engine_input(prompt_ids), params
+            )
+        except (ValueError, VLLMClientError) as exc:
+            raise _refused(exc, params) from None
+        except EngineDeadError:
+            raise Unavailable("the model engine stopped; this replica is restarting") from None
+        finished = False
+        try:
+            yield []  # accepted
+            while not finished:
+                out = queue.get_nowait() or await queue.get()
+                finished = out.finished
+                if out is not STREAM_FINISHED:
+                    top = sampling.logprobs
+                    yield [to_choice_step(o, top, self.tokenizer) for o in out.outputs]
         except VLLMClientError as exc:
-            param = getattr(exc, "parameter", None)
-            if param is None and params.structured_outputs is not None:
-                param = "response_format"
-            raise InvalidArgument(
-                f"the model engine refused the request: {exc}", param=param
-            ) from None
+            raise _refused(exc, params) from None
         except EngineDeadError:
             raise Unavailable("the model engine stopped; this replica is restarting") from None
         finally:
-            # Normal end: no-op. Early exit (caller gone): vLLM aborts the request.
-            await stream.aclose()
+            if not finished and not self._llm.errored:
+                # Caller gone (closed or cancelled) or failed: stop the engine's work on it.
+                await self._llm.abort(queue.request_id, internal=True)
+            queue.close()
 
     def _engine_input(self, prompt_ids: list[int]) -> Any:
         """Already-tokenized prompt, through vLLM's renderer (its non-deprecated input path)."""

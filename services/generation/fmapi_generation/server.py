@@ -26,6 +26,7 @@ from fmapi_common.tls import GATEWAY
 from .config import GenerationConfig
 from .domain import EngineSampling
 from .engine import Engine, VllmEngine
+from .grammar import grammar_checker
 from .service import GenerationService
 from .servicer import GenerationServicer
 from .validation import Limits
@@ -114,13 +115,18 @@ async def create(config: GenerationConfig) -> tuple[GrpcService, asyncio.Task]:
     async def load() -> Engine:
         engine = await VllmEngine.start(config, name)
         svc.on_stop.append(engine.close)
+        grammar = await grammar_checker(config, engine)
+        if grammar is not None:
+            svc.on_stop.append(grammar.close)
         limits = Limits(
             max_n=config.max_n,
             max_top_logprobs=config.max_top_logprobs,
             auto_tools=config.tool_call_parser is not None,
             model=name,
+            max_prompt_tokens=config.max_prompt_tokens,
+            max_schema_bytes=config.max_schema_bytes,
         )
-        service = GenerationService(engine, limits, template, chat_stop(config))
+        service = GenerationService(engine, limits, template, chat_stop(config), grammar)
         if config.warmup:
             await warmup(service)
         switch.target = GenerationServicer(service)

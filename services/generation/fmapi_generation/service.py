@@ -1,4 +1,9 @@
-"""The generation use case: validate, render, tokenize, run on the engine, read tool calls."""
+"""The generation use case: validate, render, tokenize, check the grammar, run on the engine,
+read tool calls.
+
+The first step of every stream is empty: the request passed every check and the engine queued
+it. Everything that can refuse a request happens before it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,13 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from fmapi_common.errors import InvalidArgument
+from fmapi_common.errors import Internal, InvalidArgument
 
 from . import tools as toolcalls
 from .chat import PromptRenderer
 from .domain import ChoiceStep, FinishReason, GenerateInput, Step, TokenLogprob, Usage
 from .engine import Engine
+from .grammar import GrammarChecker
 from .jsontext import ControlCharEscaper
 from .validation import Limits, Plan, ToolMode, resolve_max_tokens, validate
 
@@ -38,9 +44,12 @@ class GenerationService:
         limits: Limits,
         chat_template: str | None = None,
         chat_stop: list[str] | None = None,
+        grammar: GrammarChecker | None = None,
     ) -> None:
         self.engine = engine
         self.limits = limits
+        # Compiles structured-output schemas before the engine does (None: size bound only).
+        self.grammar = grammar
         # Stop strings every chat request gets (the template's turn boundary, for base models).
         self.chat_stop = list(chat_stop or [])
         self.renderer = PromptRenderer(engine.tokenizer, chat_template, model=engine.model)
@@ -67,13 +76,17 @@ class GenerationService:
         loop = asyncio.get_running_loop()
         prompt_ids, prompt_text = await loop.run_in_executor(self._prep, self.prepare, plan)
         max_tokens = resolve_max_tokens(
-            len(prompt_ids), plan.max_tokens, self.engine.max_model_len, plan.input_param
+            len(prompt_ids),
+            plan.max_tokens,
+            self.engine.max_model_len,
+            plan.input_param,
+            plan.max_prompt_tokens,
         )
         sampling = replace(plan.sampling, max_tokens=max_tokens)
         if plan.messages is not None and self.chat_stop:
             sampling.stop = sampling.stop + [x for x in self.chat_stop if x not in sampling.stop]
-        if plan.forced_tool:
-            sampling.json_schema = toolcalls.forced_schema(plan.tools, plan.tool_name)
+        if sampling.json_schema is not None and self.grammar is not None:
+            await self.grammar.check(sampling.json_schema, plan.schema_param or "response_format")
         request_id = f"{req.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
         # Greedy decoding gives n identical choices; vLLM refuses n > 1 with temperature 0, so
         # decode once and copy (usage counts every copy, as if each were generated).
@@ -83,18 +96,26 @@ class GenerationService:
 
         self.inflight += 1
         try:
-            if plan.echo:
-                yield Step(
-                    [ChoiceStep(index=i, text=prompt_text) for i in range(sampling.n * copies)]
-                )
             buffered = plan.tool_mode in (ToolMode.REQUIRED, ToolMode.NAMED, ToolMode.AUTO)
             held: dict[int, _Buffered] = {}
             json_out = sampling.json_schema is not None or sampling.json_object
             escapers: dict[int, ControlCharEscaper] = {}
             completion_tokens = 0
+            accepted = False
             async for choices in self.engine.generate(
                 prompt_ids, sampling, request_id, raw=plan.tool_mode == ToolMode.AUTO
             ):
+                if not accepted:  # the engine's first item: the request is queued
+                    accepted = True
+                    yield Step([])
+                    if plan.echo:
+                        n = sampling.n * copies
+                        yield Step([ChoiceStep(index=i, text=prompt_text) for i in range(n)])
+                    continue
+                if not choices:
+                    continue
+                if any(c.finish_reason == FinishReason.ERROR for c in choices):
+                    raise engine_failure(plan)
                 if copies > 1:
                     choices = [replace(c, index=i) for i in range(copies) for c in choices]
                 completion_tokens += sum(c.num_tokens for c in choices)
@@ -132,3 +153,18 @@ class GenerationService:
             step.finish_reason = FinishReason.TOOL_CALLS
         step.text = content or ""
         return step
+
+
+def engine_failure(plan: Plan) -> Exception:
+    """The error for a request the engine gave up on (finish reason "error")."""
+    if plan.schema_param:
+        # The schema compiled and admits a first token (checked before), so the grammar reached
+        # a dead end later: the schema admits no complete value along the path the model took
+        # (e.g. a required property whose $ref only refers back to itself).
+        return InvalidArgument(
+            f"generation failed: the output grammar of the JSON schema in {plan.schema_param} "
+            "reached a dead end (no valid continuation); check that every required property "
+            "can be completed",
+            param=plan.schema_param,
+        )
+    return Internal("the model engine failed this request; try again")

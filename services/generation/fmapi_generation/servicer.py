@@ -55,8 +55,14 @@ def request_from_proto(req: pb.GenerateRequest) -> GenerateInput:
         top_logprobs=s.top_logprobs,
         response_format=_FORMAT.get(s.response_format, ResponseFormat.TEXT),
         json_schema=s.json_schema,
+        logit_bias=dict(s.logit_bias),
     )
-    inp = GenerateInput(request_id=req.request_id, sampling=sampling, echo=req.echo)
+    inp = GenerateInput(
+        request_id=req.request_id,
+        sampling=sampling,
+        echo=req.echo,
+        max_prompt_tokens=req.max_prompt_tokens,
+    )
     which = req.WhichOneof("input")
     if which == "prompt":
         inp.prompt = req.prompt

@@ -25,16 +25,35 @@ def forced_schema(tools: list[Tool], name: str | None) -> dict[str, Any]:
     """The JSON schema the output must follow for a forced call (``name`` None = required)."""
     if name is not None:
         return next(t.parameters for t in tools if t.name == name)
+    # Each tool's parameter schema goes under $defs, its own references ("#", "#/$defs/...")
+    # rebased there, so that they still point inside it.
+    defs = {f"tool_{i}": _rebase(t.parameters, f"#/$defs/tool_{i}") for i, t in enumerate(tools)}
     variants = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            "properties": {"name": {"const": t.name}, "arguments": {"$ref": f"#/$defs/tool_{i}"}},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
-        for t in tools
+        for i, t in enumerate(tools)
     ]
-    return variants[0] if len(variants) == 1 else {"anyOf": variants}
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    return {**schema, "$defs": defs}
+
+
+def _rebase(schema: Any, base: str) -> Any:
+    """``schema``, moved to the JSON pointer ``base``, with its local references rewritten."""
+    if isinstance(schema, list):
+        return [_rebase(v, base) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            out[key] = base + value[1:]
+        else:
+            out[key] = _rebase(value, base)
+    return out
 
 
 def new_call_id() -> str:

@@ -2,8 +2,9 @@
 
 Everything a caller can get wrong is caught here, before tokenization or the engine, and raised
 as :class:`~fmapi_common.errors.InvalidArgument` naming the parameter (OpenAI's ``param``) and
-the problem. The one check that needs the prompt's token count (prompt + max_tokens against the
-context) is :func:`resolve_max_tokens`, called right after tokenization.
+the problem. The checks that need the prompt's token count (the prompt cap, prompt + max_tokens
+against the context) are in :func:`resolve_max_tokens`, called right after tokenization; the one
+that needs the grammar compiler (structured-output schemas) is in :mod:`.grammar`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from fmapi_common.errors import InvalidArgument
 
+from . import tools as toolcalls
 from .domain import EngineSampling, GenerateInput, ResponseFormat, Tool
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -34,6 +36,11 @@ class Limits:
     # Whether tool_choice "auto" can be honoured (a tool-call parser is configured).
     auto_tools: bool = False
     model: str = "this model"
+    # Longest prompt (tokens) when the request's endpoint sets no cap; 0 = the context length.
+    max_prompt_tokens: int = 0
+    # Largest JSON schema to constrain decoding with (bytes of its JSON).
+    max_schema_bytes: int = 65536
+    max_logit_bias: int = 300
 
 
 class ToolMode:
@@ -58,6 +65,11 @@ class Plan:
     max_tokens: int | None = None
     sampling: EngineSampling = field(default_factory=lambda: EngineSampling(max_tokens=1))
     echo: bool = False
+    # Longest prompt accepted, in tokens (0 = no cap but the context).
+    max_prompt_tokens: int = 0
+    # The parameter a constrained-decoding schema came from ("response_format" or "tools"),
+    # None when decoding is not constrained by a schema.
+    schema_param: str | None = None
 
     @property
     def input_param(self) -> str:
@@ -101,17 +113,26 @@ def validate(req: GenerateInput, limits: Limits = DEFAULT_LIMITS) -> Plan:
     elif req.chat_template:
         raise InvalidArgument("chat_template is only used for chat", param="chat_template")
 
+    if req.max_prompt_tokens < 0:
+        raise InvalidArgument(
+            f"max_prompt_tokens must be 0 (no cap) or more, got {req.max_prompt_tokens}",
+            param="max_prompt_tokens",
+        )
+
     tools = parse_tools(req.tools_json) if messages is not None else []
     mode, name = parse_tool_choice(req.tool_choice, tools, limits)
     sampling = validate_sampling(req, limits)
-    if mode in (ToolMode.REQUIRED, ToolMode.NAMED) and (
-        sampling.json_schema is not None or sampling.json_object
-    ):
-        raise InvalidArgument(
-            "response_format cannot be combined with a forced tool call "
-            "(tool_choice 'required' or a function name)",
-            param="response_format",
-        )
+    schema_param = "response_format" if sampling.json_schema is not None else None
+    if mode in (ToolMode.REQUIRED, ToolMode.NAMED):
+        if sampling.json_schema is not None or sampling.json_object:
+            raise InvalidArgument(
+                "response_format cannot be combined with a forced tool call "
+                "(tool_choice 'required' or a function name)",
+                param="response_format",
+            )
+        sampling.json_schema = toolcalls.forced_schema(tools, name)
+        schema_param = "tools"
+        check_schema_size(json.dumps(sampling.json_schema), schema_param, limits)
     return Plan(
         prompt=req.prompt if messages is None else None,
         messages=messages,
@@ -122,6 +143,8 @@ def validate(req: GenerateInput, limits: Limits = DEFAULT_LIMITS) -> Plan:
         max_tokens=req.sampling.max_tokens,
         sampling=sampling,
         echo=req.echo,
+        max_prompt_tokens=req.max_prompt_tokens or limits.max_prompt_tokens,
+        schema_param=schema_param,
     )
 
 
@@ -325,6 +348,7 @@ def validate_sampling(req: GenerateInput, limits: Limits) -> EngineSampling:
         )
     if s.top_logprobs and not s.logprobs:
         raise InvalidArgument("top_logprobs needs logprobs set to true", param="top_logprobs")
+    validate_logit_bias(s.logit_bias, limits)
 
     json_schema: dict[str, Any] | None = None
     json_object = False
@@ -334,6 +358,7 @@ def validate_sampling(req: GenerateInput, limits: Limits) -> EngineSampling:
             raise InvalidArgument(
                 "response_format json_schema needs a schema", param="response_format.json_schema"
             )
+        check_schema_size(s.json_schema, "response_format", limits)
         json_schema = parse_json_schema(s.json_schema, "response_format.json_schema")
     elif s.json_schema:
         raise InvalidArgument(
@@ -356,7 +381,28 @@ def validate_sampling(req: GenerateInput, limits: Limits) -> EngineSampling:
         logprobs=s.top_logprobs if s.logprobs else None,
         json_schema=json_schema,
         json_object=json_object,
+        logit_bias=dict(s.logit_bias) or None,
     )
+
+
+def validate_logit_bias(bias: dict[int, float], limits: Limits) -> None:
+    """Token ids and biases; whether an id is in the vocabulary is the engine's check."""
+    if len(bias) > limits.max_logit_bias:
+        raise InvalidArgument(
+            f"logit_bias takes at most {limits.max_logit_bias} tokens, got {len(bias)}",
+            param="logit_bias",
+        )
+    for token, value in bias.items():
+        if token < 0:
+            raise InvalidArgument(
+                f"logit_bias keys must be token ids (0 or more), got {token}", param="logit_bias"
+            )
+        if not (math.isfinite(value) and -100.0 <= value <= 100.0):
+            raise InvalidArgument(
+                f"logit_bias values must be between -100 and 100, got {_fmt(value)} for "
+                f"token {token}",
+                param="logit_bias",
+            )
 
 
 def _fmt(v: float) -> str:
@@ -364,6 +410,18 @@ def _fmt(v: float) -> str:
 
 
 # ---------------------------------------------------------------- JSON schema
+
+
+def check_schema_size(text: str, param: str, limits: Limits) -> None:
+    """Refuse a constrained-decoding schema too large to compile quickly (checked before it is
+    even parsed: grammar compile time grows faster than the schema)."""
+    size = len(text.encode())
+    if size > limits.max_schema_bytes:
+        raise InvalidArgument(
+            f"the JSON schema in {param} is {size} bytes; this server accepts schemas of at "
+            f"most {limits.max_schema_bytes} bytes for constrained decoding",
+            param=param,
+        )
 
 
 def parse_json_schema(raw: str, param: str) -> dict[str, Any]:
@@ -395,9 +453,20 @@ def check_json_schema(schema: Any, param: str) -> None:
 
 
 def resolve_max_tokens(
-    prompt_tokens: int, requested: int | None, max_model_len: int, input_param: str
+    prompt_tokens: int,
+    requested: int | None,
+    max_model_len: int,
+    input_param: str,
+    max_prompt_tokens: int = 0,
 ) -> int:
-    """The number of tokens to generate, or InvalidArgument when it does not fit the context."""
+    """The number of tokens to generate, or InvalidArgument when the prompt is longer than its
+    cap (``max_prompt_tokens``, 0 = none) or the request does not fit the context."""
+    if 0 < max_prompt_tokens < prompt_tokens:
+        raise InvalidArgument(
+            f"the {input_param} is {prompt_tokens} tokens long, but this endpoint accepts "
+            f"prompts of at most {max_prompt_tokens} tokens",
+            param=input_param,
+        )
     room = max_model_len - prompt_tokens
     if room < 1:
         raise InvalidArgument(
