@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-BENCHES = ["embeddings", "generation", "auth"]
+BENCHES = ["embeddings", "generation", "auth", "quota"]
 
 
 def main(argv: list[str]) -> int:

@@ -56,7 +56,8 @@ class SystemOptions:
     admin_token_file: Path | None = None
     # Benchmarks only: Envoy without the external-authorization check.
     ext_authz: bool = True
-    # Keep Redis' data (tokens) across restarts in this directory; None = in memory only.
+    # Redis' append-only file (tokens, usage records not yet in SQL, quota state): kept across
+    # restarts in this directory; None = runtime_dir/redis, started afresh each time.
     redis_data_dir: Path | None = None
     # The private CA and every service's certificate (made or renewed on start); default
     # runtime_dir/pki.
@@ -140,11 +141,14 @@ class System:
         sock.unlink(missing_ok=True)
         if self.opts.redis_data_dir:
             data = Path(self.opts.redis_data_dir)
-            data.mkdir(parents=True, exist_ok=True)
-            os.chmod(data, 0o700)  # tokens' hashes and every registration live here
-            persistence = ["--appendonly", "yes", "--save", "", "--dir", str(data)]
         else:
-            persistence = ["--appendonly", "no", "--save", "", "--dir", str(self.run_dir)]
+            data = self.run_dir / "redis"
+            shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True, exist_ok=True)
+        os.chmod(data, 0o700)  # tokens' hashes, usage records and registrations live here
+        # Usage records must never be lost: every write is fsynced before Redis answers.
+        persistence = ["--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                       "--dir", str(data)]
         redis = self.sup.start(
             "redis",
             ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
@@ -162,12 +166,15 @@ class System:
              "FMAPI_AUTH_BOOTSTRAP_ADMIN_TOKEN_FILE": str(self.admin_token_file)},
         )
 
+        wait_quota = self._spawn("quota", "fmapi_quota", "FMAPI_QUOTA_",
+                                 {"FMAPI_QUOTA_REDIS_URL": self.redis_url})
         routing = self._spawn(
             "routing", "fmapi_routing", "FMAPI_ROUTING_",
             {"FMAPI_ROUTING_ENDPOINTS_FILE": str(self.opts.endpoints_file),
              "FMAPI_ROUTING_REDIS_URL": self.redis_url},
         )(30)
         routing_addr = f"127.0.0.1:{routing}"
+        quota_addr = f"127.0.0.1:{wait_quota(30)}"
         auth_addr = f"127.0.0.1:{wait_auth(30)}"
         # Model servers load in parallel; each registers with routing once it is ready.
         waits = [self._spawn(
@@ -187,6 +194,7 @@ class System:
         self._spawn(
             "gateway", "fmapi_gateway", "FMAPI_GATEWAY_",
             {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr, "FMAPI_GATEWAY_AUTH_ADDR": auth_addr,
+             "FMAPI_GATEWAY_QUOTA_ADDR": quota_addr,
              "FMAPI_GATEWAY_IDENTITY_KEY": self.identity_key,
              # The public gRPC API offers reflection (through Envoy, with a token).
              "FMAPI_GATEWAY_REFLECTION": "true"}, extra_ports=("http",),

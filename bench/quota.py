@@ -1,0 +1,141 @@
+"""Admissions + settlements per second of one quota replica (gRPC, mutual TLS, as deployed).
+
+One Redis (append-only file fsynced on every write, as `fmapi dev up` runs it, and, for
+comparison, without persistence) and one quota replica; 1 then CLIENTS concurrent clients, each
+as the gateway would: Admit (endpoint and per-principal limits, input + output), then Settle.
+Prints request cycles per second (each one admission and one settlement) and both calls'
+latency. Run: ``python -m bench quota`` (or ``python -m bench.quota``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import pct, table
+
+CLIENTS = 8
+SECONDS = 4.0
+WARMUP_SECONDS = 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_redis(sup, tmp: Path, persistence: list[str]) -> str:
+    port = _free_port()
+    sup.start(f"redis-{port}", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                "--save", "", "--dir", str(tmp), *persistence])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+async def _load(addr: str, tls_files, clients: int) -> tuple[int, list[float], list[float], float]:
+    from fmapi.quota.v1 import quota_pb2 as pb
+    from fmapi.quota.v1 import quota_pb2_grpc
+    from fmapi_common.channels import make_channel
+
+    rules = [pb.LimitRule(key=pb.LIMIT_KEY_ENDPOINT, requests_per_minute=10**9,
+                          input_tokens_per_minute=10**12, output_tokens_per_minute=10**12),
+             pb.LimitRule(key=pb.LIMIT_KEY_PRINCIPAL, requests_per_minute=10**9,
+                          input_tokens_per_minute=10**12, output_tokens_per_minute=10**12)]
+    admit_ms: list[float] = []
+    settle_ms: list[float] = []
+    cycles = 0
+    measuring = False
+    async with make_channel(addr, tls_files, "quota") as ch:
+        stub = quota_pb2_grpc.QuotaServiceStub(ch)
+
+        async def client(k: int, until: float) -> None:
+            nonlocal cycles
+            i = 0
+            while time.monotonic() < until:
+                i += 1
+                rid = f"bench-{k}-{i}-{time.monotonic_ns()}"
+                t0 = time.perf_counter()
+                await stub.Admit(pb.AdmitRequest(
+                    request_id=rid, endpoint="bench", served_model="m",
+                    capacity_mode=pb.CAPACITY_MODE_PAY_PER_TOKEN,
+                    caller=pb.Caller(principal=f"user{k}", principal_kind=pb.PRINCIPAL_KIND_USER),
+                    input_tokens=20, reserved_output_tokens=64, rules=rules), timeout=5)
+                t1 = time.perf_counter()
+                await stub.Settle(pb.SettleRequest(request_id=rid, endpoint="bench",
+                                                   output_tokens=16, status_code=200), timeout=5)
+                t2 = time.perf_counter()
+                if measuring:
+                    admit_ms.append((t1 - t0) * 1000)
+                    settle_ms.append((t2 - t1) * 1000)
+                    cycles += 1
+
+        warm_until = time.monotonic() + WARMUP_SECONDS
+        await asyncio.gather(*(client(k, warm_until) for k in range(clients)))
+        measuring = True
+        t0 = time.monotonic()
+        await asyncio.gather(*(client(k, t0 + SECONDS) for k in range(clients)))
+        elapsed = time.monotonic() - t0
+    return cycles, admit_ms, settle_ms, elapsed
+
+
+def _report(title: str, rate: float, admit: list[float], settle: list[float]) -> None:
+    table(f"quota ({title}), one replica, {SECONDS:g} s", [
+        ("admit+settle per second", f"{rate:8.0f}   ({2 * rate:.0f} calls/s)"),
+        ("Admit  p50 / p99", f"{pct(admit, 50):6.2f} / {pct(admit, 99):6.2f} ms"),
+        ("Settle p50 / p99", f"{pct(settle, 50):6.2f} / {pct(settle, 99):6.2f} ms"),
+    ])
+
+
+def run() -> dict[str, float]:
+    from fmapi_cli.supervisor import Supervisor
+    from fmapi_common import pki
+    from fmapi_common.tls import TlsFiles
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pki.ensure_pki(tmp / "pki")
+        p = pki.paths(tmp / "pki", "quota")
+        g = pki.paths(tmp / "pki", "gateway")
+        gateway_tls = TlsFiles(str(g.ca), str(g.cert), str(g.key))
+        for name, persistence in (
+            ("aof-always", ["--appendonly", "yes", "--appendfsync", "always"]),
+            ("no-persistence", ["--appendonly", "no"]),
+        ):
+            sup = Supervisor(tmp / name / "logs")
+            (tmp / name).mkdir(exist_ok=True)
+            try:
+                url = _start_redis(sup, tmp / name, persistence)
+                child = sup.start("quota", [sys.executable, "-m", "fmapi_quota"], {
+                    "FMAPI_QUOTA_REDIS_URL": url,
+                    "FMAPI_QUOTA_PORT_FILE": str(tmp / name / "port"),
+                    "FMAPI_QUOTA_TLS_CA_FILE": str(p.ca), "FMAPI_QUOTA_TLS_CERT_FILE": str(p.cert),
+                    "FMAPI_QUOTA_TLS_KEY_FILE": str(p.key),
+                })
+                port = sup.wait_for_file(child, tmp / name / "port", 30)
+                for clients in (1, CLIENTS):
+                    cycles, admit, settle, elapsed = asyncio.run(
+                        _load(f"127.0.0.1:{port}", gateway_tls, clients))
+                    rate = cycles / elapsed
+                    results[f"{name}_c{clients}"] = rate
+                    _report(f"{name}, {clients} concurrent gateway client(s)", rate, admit, settle)
+            finally:
+                sup.stop()
+    return {f"cycles_per_second_{k}": v for k, v in results.items()}
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,76 @@
+"""Wiring: config -> Redis store, service, reaper, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from fmapi.quota.v1 import quota_pb2_grpc
+from fmapi_common.server import GrpcService, start_grpc_service
+from fmapi_common.telemetry import setup_telemetry
+from fmapi_common.tls import GATEWAY
+
+from .config import QuotaConfig
+from .service import QuotaService
+from .servicer import SERVICE_NAME, QuotaServicer
+from .store import QuotaStore
+
+# Only the gateway admits and settles requests (and reads capacity, for now).
+POLICY = {f"/{SERVICE_NAME}/": [GATEWAY]}
+
+
+def make_redis(config: QuotaConfig) -> aioredis.Redis:
+    """A client that fails fast: one retry (a stale pooled connection; every script is
+    idempotent), short timeouts, and a bounded pool that calls wait for rather than fail."""
+    t = config.redis_timeout_seconds
+    pool = aioredis.BlockingConnectionPool.from_url(
+        config.redis_url,
+        max_connections=config.redis_max_connections,
+        timeout=t,
+        decode_responses=True,
+        socket_connect_timeout=t,
+        socket_timeout=t,
+        retry=Retry(NoBackoff(), 1),
+        client_name="fmapi-quota",
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+async def create(config: QuotaConfig) -> GrpcService:
+    client = make_redis(config)
+    store = QuotaStore(
+        client,
+        key_prefix=config.key_prefix,
+        lease_seconds=config.lease_seconds,
+        settled_ttl_seconds=config.settled_ttl_seconds,
+        usage_stream_maxlen=config.usage_stream_maxlen,
+        demand_window_seconds=config.demand_window_seconds,
+        reap_batch=config.reap_batch,
+    )
+    service = QuotaService(store, default_burst_seconds=config.default_burst_seconds)
+
+    def register(server):
+        quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(service), server)
+        return [SERVICE_NAME]
+
+    svc = await start_grpc_service(config, register, policy=POLICY)
+    reaper = asyncio.create_task(service.reap_forever(config.reap_interval_seconds))
+
+    async def stop_reaper() -> None:
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
+
+    svc.on_drain.append(stop_reaper)
+    svc.on_stop.append(client.aclose)
+    return svc
+
+
+async def serve(config: QuotaConfig) -> None:
+    setup_telemetry("quota")
+    svc = await create(config)
+    await svc.serve_until_signal()

@@ -1,0 +1,124 @@
+"""The quota's use cases: admit, settle, renew, reap, report capacity. No gRPC here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+from fmapi_common.errors import (
+    FailedPrecondition,
+    FmapiError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+
+from .domain import (
+    REQUESTS,
+    TOKEN_DIMS,
+    Admission,
+    BucketState,
+    RateLimit,
+    Settlement,
+    buckets,
+    check_endpoint,
+    check_request,
+    most_restrictive,
+    never_fits,
+    validate,
+    validate_settlement,
+)
+from .store import Capacity, QuotaStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    requests: RateLimit | None
+    tokens: RateLimit | None
+    lease_expire_time_ms: int
+    replayed: bool
+
+
+class QuotaService:
+    def __init__(self, store: QuotaStore, *, default_burst_seconds: float = 10.0) -> None:
+        self._store = store
+        self._burst = default_burst_seconds
+
+    async def admit(self, a: Admission) -> Admitted:
+        """Charge the request on every applicable bucket, or raise: ResourceExhausted (429,
+        with when it would fit), InvalidArgument (400, it never could), Unavailable (Redis)."""
+        validate(a)
+        bs = buckets(a, self._burst)
+        invalid = never_fits(a, bs)
+        got = await self._store.admit(a, bs, refuse=400 if invalid else 0)
+        ans, now = got.answer, got.now_ms
+        status = ans["s"]
+        if status == "admitted":
+            # The bucket states as of now (a replay's are as of its first admission).
+            elapsed = now - float(ans["at"])
+            states = [BucketState(int(left), math.ceil(ms - elapsed))
+                      for left, ms in ans.get("st") or []]
+            return Admitted(
+                requests=most_restrictive(bs, states, (REQUESTS,)),
+                tokens=most_restrictive(bs, states, TOKEN_DIMS),
+                lease_expire_time_ms=int(got.lease_ms),
+                replayed=got.replayed,
+            )
+        if status == "refused":
+            retry = max(1, math.ceil(float(ans["at"]) - now)) / 1000
+            b = ans["b"]
+            what = bs[b].label if 0 <= b < len(bs) else "a limit"
+            raise ResourceExhausted(
+                f"rate limit exceeded on endpoint {a.endpoint!r}: {what}; "
+                f"retry in {retry:.3f} s",
+                retry_after=retry,
+            )
+        if status == "invalid":
+            raise invalid or InvalidArgument("this request can never fit the endpoint's limits")
+        raise FailedPrecondition(f"request {a.request_id!r} has already been settled",
+                                 param="request_id")
+
+    async def settle(self, s: Settlement) -> bool:
+        """Refund and record; returns True when the request had been settled before."""
+        validate_settlement(s)
+        out = await self._store.settle(
+            s.endpoint, s.request_id, output_tokens=s.output_tokens, input_tokens=s.input_tokens,
+            status_code=s.status_code, ttft_ms=s.time_to_first_token_ms,
+            duration_ms=s.duration_ms, finish_reason=s.finish_reason,
+        )
+        if out == "unknown":
+            raise NotFound(f"no reservation for request {s.request_id!r} on endpoint "
+                           f"{s.endpoint!r}", param="request_id")
+        return out == "already"
+
+    async def renew(self, endpoint: str, request_id: str) -> int:
+        check_request(request_id, endpoint)
+        expiry = await self._store.renew(endpoint, request_id)
+        if expiry is None:
+            raise NotFound(f"no reservation for request {request_id!r} on endpoint {endpoint!r} "
+                           "(settled, or expired and settled at its reserved size)",
+                           param="request_id")
+        return int(expiry)
+
+    async def capacity(self, endpoint: str) -> Capacity:
+        check_endpoint(endpoint)
+        return await self._store.capacity(endpoint)
+
+    async def reap_forever(self, interval: float) -> None:
+        """Settle expired leases every ``interval`` seconds (jittered), until cancelled. Every
+        replica runs this; the reap script makes concurrent reapers safe."""
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            try:
+                n = await self._store.reap()
+                if n:
+                    log.info("settled %d expired reservation(s) at their reserved size", n)
+            except FmapiError as exc:
+                log.warning("reaper: %s", exc.message)
+            except Exception:
+                log.exception("reaper failed")

@@ -1,0 +1,86 @@
+"""QuotaService: proto <-> domain, nothing else."""
+
+from __future__ import annotations
+
+from fmapi.quota.v1 import quota_pb2 as pb
+from fmapi.quota.v1 import quota_pb2_grpc
+from fmapi_common.errors import InvalidArgument
+
+from .domain import Admission, Caller, RateLimit, Rule, Settlement
+from .service import QuotaService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+
+_KINDS = {pb.PRINCIPAL_KIND_USER: "user", pb.PRINCIPAL_KIND_SERVICE_PRINCIPAL: "service_principal"}
+_KEYS = {pb.LIMIT_KEY_ENDPOINT: "endpoint", pb.LIMIT_KEY_PRINCIPAL: "principal"}
+
+
+def admission_from_pb(req: pb.AdmitRequest) -> Admission:
+    kind = _KINDS.get(req.caller.principal_kind)
+    if kind is None:
+        raise InvalidArgument("'caller.principal_kind' must be set", param="caller.principal_kind")
+    if any(r.key not in _KEYS for r in req.rules):
+        raise InvalidArgument("every rule needs its key", param="rules")
+    provisioned = req.capacity_mode == pb.CAPACITY_MODE_PROVISIONED_THROUGHPUT
+    if provisioned and req.provisioned_throughput.tokens_per_second <= 0:
+        raise InvalidArgument("a provisioned-throughput endpoint needs its tokens_per_second",
+                              param="provisioned_throughput")
+    pt = req.provisioned_throughput if provisioned else pb.ProvisionedThroughput()
+    return Admission(
+        request_id=req.request_id,
+        endpoint=req.endpoint,
+        served_model=req.served_model,
+        caller=Caller(req.caller.principal, kind, req.caller.token_id, req.caller.workspace),
+        input_tokens=req.input_tokens,
+        reserved_output_tokens=req.reserved_output_tokens,
+        streaming=req.streaming,
+        client_request_id=req.client_request_id,
+        usage_context=dict(req.usage_context),
+        rules=[Rule(_KEYS[r.key], r.requests_per_minute, r.input_tokens_per_minute,
+                    r.output_tokens_per_minute) for r in req.rules],
+        tokens_per_second=pt.tokens_per_second,
+        burst_seconds=pt.burst_seconds,
+    )
+
+
+def _rate_limit(rl: RateLimit | None) -> pb.RateLimit | None:
+    return None if rl is None else pb.RateLimit(limit=rl.limit, remaining=rl.remaining,
+                                                reset_ms=rl.reset_ms)
+
+
+class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
+    def __init__(self, service: QuotaService) -> None:
+        self._service = service
+
+    async def Admit(self, request, context):
+        got = await self._service.admit(admission_from_pb(request))
+        return pb.AdmitResponse(
+            requests=_rate_limit(got.requests), tokens=_rate_limit(got.tokens),
+            lease_expire_time_ms=got.lease_expire_time_ms, replayed=got.replayed,
+        )
+
+    async def Settle(self, request, context):
+        already = await self._service.settle(Settlement(
+            request_id=request.request_id,
+            endpoint=request.endpoint,
+            output_tokens=request.output_tokens,
+            input_tokens=request.input_tokens if request.HasField("input_tokens") else None,
+            status_code=request.status_code,
+            time_to_first_token_ms=request.time_to_first_token_ms,
+            duration_ms=request.duration_ms,
+            finish_reason=request.finish_reason,
+        ))
+        return pb.SettleResponse(already_settled=already)
+
+    async def RenewLease(self, request, context):
+        expiry = await self._service.renew(request.endpoint, request.request_id)
+        return pb.RenewLeaseResponse(lease_expire_time_ms=expiry)
+
+    async def GetCapacity(self, request, context):
+        c = await self._service.capacity(request.endpoint)
+        return pb.GetCapacityResponse(
+            demand_tokens_per_second=c.demand_tokens_per_second,
+            admitted_tokens_per_second=c.admitted_tokens_per_second,
+            in_flight_requests=c.in_flight_requests,
+            provisioned_tokens_per_second=c.provisioned_tokens_per_second,
+        )
