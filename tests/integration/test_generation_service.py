@@ -548,6 +548,28 @@ async def test_prompt_caps_refuse_before_the_engine(stub, tokenizer):
     assert await running(stub) == 0
 
 
+async def test_count_tokens_matches_what_generate_charges(stub):
+    """What the gateway admits on is exactly what Generate then reports, and refusals match."""
+    reqs = [
+        chat_req("hello there", pb.SamplingParams(max_tokens=7, n=2, temperature=1.0, seed=1)),
+        pb.GenerateRequest(prompt="the quick brown fox", sampling=pb.SamplingParams(max_tokens=5)),
+    ]
+    counts = (await stub.CountTokens(pb.CountTokensRequest(requests=reqs))).counts
+    assert [c.max_output_tokens for c in counts] == [14, 5]
+    for req, count in zip(reqs, counts):
+        r = await run(stub, req)
+        assert r.usage.prompt_tokens == count.prompt_tokens
+        assert r.usage.completion_tokens <= count.max_output_tokens
+    # Without max_tokens the reservation is what the context leaves.
+    c = (await stub.CountTokens(pb.CountTokensRequest(requests=[chat_req("hi")]))).counts[0]
+    assert c.max_output_tokens == MAX_MODEL_LEN - c.prompt_tokens
+    # A request Generate would refuse is refused here too, before anything runs.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CountTokens(pb.CountTokensRequest(requests=[pb.GenerateRequest(prompt=LONG_PROMPT)]))
+    assert from_rpc_error(err.value).param == "prompt"
+    assert await running(stub) == 0
+
+
 async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
     """A short request sent while a ~6700-token prompt prefills gets its first token long before
     that prefill ends; and the long request is accepted (its first, empty message) at once.

@@ -45,6 +45,8 @@ class _Loading:
     async def GetModelInfo(self, request, context):
         raise Unavailable("the model is still loading", retry_after=5)
 
+    CountTokens = GetModelInfo
+
 
 class _Switch(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self) -> None:
@@ -55,6 +57,9 @@ class _Switch(generation_pb2_grpc.GenerationServiceServicer):
 
     def GetModelInfo(self, request, context):
         return self.target.GetModelInfo(request, context)
+
+    def CountTokens(self, request, context):
+        return self.target.CountTokens(request, context)
 
 
 def served_name(config: GenerationConfig) -> str:

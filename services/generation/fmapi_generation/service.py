@@ -71,7 +71,8 @@ class GenerationService:
             raise InvalidArgument(f"the {plan.input_param} is empty", param=plan.input_param)
         return ids, text
 
-    async def generate(self, req: GenerateInput) -> AsyncIterator[Step]:
+    async def _plan(self, req: GenerateInput) -> tuple[Plan, list[int], str, int]:
+        """Validate, render and tokenize: the plan, prompt ids and text, and max_tokens."""
         plan = validate(req, self.limits)
         loop = asyncio.get_running_loop()
         prompt_ids, prompt_text = await loop.run_in_executor(self._prep, self.prepare, plan)
@@ -82,6 +83,16 @@ class GenerationService:
             plan.input_param,
             plan.max_prompt_tokens,
         )
+        return plan, prompt_ids, prompt_text, max_tokens
+
+    async def count_tokens(self, req: GenerateInput) -> tuple[int, int]:
+        """Prompt tokens and the most output tokens ``req`` may generate (all choices), with the
+        refusals ``generate`` would give for them; nothing runs."""
+        plan, prompt_ids, _, max_tokens = await self._plan(req)
+        return len(prompt_ids), max_tokens * plan.sampling.n
+
+    async def generate(self, req: GenerateInput) -> AsyncIterator[Step]:
+        plan, prompt_ids, prompt_text, max_tokens = await self._plan(req)
         sampling = replace(plan.sampling, max_tokens=max_tokens)
         if plan.messages is not None and self.chat_stop:
             sampling.stop = sampling.stop + [x for x in self.chat_stop if x not in sampling.stop]

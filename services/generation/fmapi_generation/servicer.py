@@ -131,6 +131,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 span.set_attribute("gen_ai.usage.output_tokens", step.usage.completion_tokens)
             yield step_to_proto(step)
 
+    async def CountTokens(self, request, context):
+        counts = [await self.service.count_tokens(request_from_proto(r)) for r in request.requests]
+        return pb.CountTokensResponse(
+            counts=[pb.TokenCount(prompt_tokens=p, max_output_tokens=m) for p, m in counts]
+        )
+
     async def GetModelInfo(self, request, context):
         engine = self.service.engine
         return pb.GetModelInfoResponse(
