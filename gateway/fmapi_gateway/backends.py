@@ -7,16 +7,25 @@ import grpc
 from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
 from fmapi_common.channels import ChannelPool, make_channel
-from fmapi_common.errors import from_rpc_error
+from fmapi_common.errors import DeadlineExceeded, FmapiError, from_rpc_error
+from fmapi_common.tls import EMBEDDING, GENERATION, ROUTING, TlsFiles
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .config import DEFAULT_REQUEST_TIMEOUT_S
 
 
 class Backends:
-    def __init__(self, routing_addr: str, timeout: float) -> None:
-        self._routing_channel = make_channel(routing_addr)
+    """``idle_timeout`` bounds every wait for a backend's next message (a unary answer, a
+    stream's first or next message); ``request_timeout`` caps a whole request unless its
+    endpoint sets ``limits.request_timeout_seconds``."""
+
+    def __init__(self, routing_addr: str, idle_timeout: float, tls: TlsFiles | None,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+        self._routing_channel = make_channel(routing_addr, tls, ROUTING)
         self.routing = routing_pb2_grpc.RoutingServiceStub(self._routing_channel)
-        self.pool = ChannelPool()
-        self.timeout = timeout
+        self.pool = ChannelPool(tls)
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
 
     async def close(self) -> None:
         await self._routing_channel.close()
@@ -52,12 +61,18 @@ class Backends:
             raise from_rpc_error(exc) from None
         return {m for r in resp.replicas for m in r.models}
 
-    async def embed(self, address: str, request: embedding_pb2.EmbedRequest) -> embedding_pb2.EmbedResponse:
-        stub = embedding_pb2_grpc.EmbeddingServiceStub(self.pool.get(address))
+    def request_cap(self, endpoint: routing_pb2.Endpoint) -> float:
+        """Seconds one request to ``endpoint`` may take in all."""
+        return endpoint.limits.request_timeout_seconds or self.request_timeout
+
+    async def embed(self, address: str, request: embedding_pb2.EmbedRequest,
+                    cap: float) -> embedding_pb2.EmbedResponse:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(self.pool.get(address, EMBEDDING))
+        timeout = min(self.idle_timeout, cap)
         try:
-            return await stub.Embed(request, timeout=self.timeout)
+            return await stub.Embed(request, timeout=timeout)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise call_error(exc, f"the embedding server did not answer within {timeout:g} s") from None
 
     async def health(self) -> dict[str, str]:
         """Health of routing and of every live replica, as reported by their health services."""
@@ -67,8 +82,8 @@ class Backends:
             return out
         resp = await self.routing.ListReplicas(routing_pb2.ListReplicasRequest(), timeout=5)
         for r in resp.replicas:
-            out[f"{routing_pb2.ReplicaKind.Name(r.kind).removeprefix('REPLICA_KIND_').lower()}"
-                f"@{r.address}"] = await _check(self.pool.get(r.address))
+            kind = routing_pb2.ReplicaKind.Name(r.kind).removeprefix("REPLICA_KIND_").lower()
+            out[f"{kind}@{r.address}"] = await _check(self.pool.get(r.address, kind))
         return out
 
 
@@ -82,9 +97,18 @@ async def _check(channel: grpc.aio.Channel) -> str:
         return f"UNREACHABLE ({exc.code().name})"
 
 
-def open_generation(backends: Backends, address: str, request):
-    """Start a Generate stream on a replica; the caller iterates it and cancels it when done."""
+def call_error(exc: grpc.RpcError, timed_out: str) -> FmapiError:
+    """The domain error for a failed backend call; the gateway's own deadline expiring gives
+    :data:`DeadlineExceeded` saying ``timed_out``."""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(timed_out)
+    return from_rpc_error(exc)
+
+
+def open_generation(backends: Backends, address: str, request, cap: float):
+    """Start a Generate stream on a replica, ending at the latest after ``cap`` seconds (the
+    deadline aborts the engine request); the caller reads it and cancels it when done."""
     from fmapi.generation.v1 import generation_pb2_grpc
 
-    stub = generation_pb2_grpc.GenerationServiceStub(backends.pool.get(address))
-    return stub.Generate(request, timeout=backends.timeout)
+    stub = generation_pb2_grpc.GenerationServiceStub(backends.pool.get(address, GENERATION))
+    return stub.Generate(request, timeout=cap)

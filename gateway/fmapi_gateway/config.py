@@ -8,6 +8,8 @@ from pydantic_settings import SettingsConfigDict
 from fmapi_common.config import IdentityKey, ServiceConfig
 from fmapi_common.identity import parse_key
 
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+
 
 class GatewayConfig(ServiceConfig):
     """``port``/``port_file`` are the public gRPC API's; ``http_*`` the REST API's."""
@@ -23,8 +25,12 @@ class GatewayConfig(ServiceConfig):
     http_port_file: str | None = None
     # Largest request body accepted (the managed product's limit is 4 MB); larger gets 413.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    # Seconds a backend call may take before the caller gets a 503/504-style error.
-    backend_timeout_s: float = Field(120.0, gt=0)
+    # Idle timeout: longest wait for a backend's next message (a unary answer such as Embed, a
+    # generation stream's first message, or its next one). Tokens that keep flowing never hit it.
+    backend_timeout_s: float = Field(30.0, gt=0)
+    # Overall cap on one request, streaming included, for endpoints whose
+    # limits.request_timeout_seconds is 0. Either timeout gives 504 and cancels the engine request.
+    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0)
 
     def identity_key_bytes(self) -> bytes:
         return parse_key(self.identity_key.get_secret_value())

@@ -13,7 +13,7 @@ from fmapi_common.identity import Identity
 
 from .backends import Backends
 from .callers import require_query
-from .tasks import require_task
+from .tasks import check_endpoint_name, require_task
 
 
 @dataclass
@@ -32,6 +32,7 @@ async def embed(
     dimensions: int | None = None,
     instruction: str | None = None,
 ) -> Embeddings:
+    check_endpoint_name(endpoint_name, "model")
     require_query(caller, endpoint_name)
     res = await backends.resolve(endpoint_name)
     ep = res.endpoint
@@ -62,6 +63,6 @@ async def embed(
             req.inputs.add(text=item)
         else:
             req.inputs.add(tokens=embedding_pb2.TokenIds(ids=item))
-    resp = await backends.embed(res.replica.address, req)
+    resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
     vectors = np.array([e.values for e in resp.embeddings], dtype=np.float32)
     return Embeddings(ep.name, vectors, resp.input_tokens)

@@ -5,6 +5,10 @@ stream's first message before returning, so that every refusal (unknown endpoint
 parameter, prompt too long, no replica) is raised before a response starts. After that,
 :meth:`Run.events` yields the deltas; closing the run cancels the streams, which aborts the
 engine requests.
+
+Timeouts: every wait for a stream's next message (the first included) is bounded by the
+gateway's idle timeout, and each stream by the endpoint's overall cap (a gRPC deadline); either
+raises ``DeadlineExceeded`` and ends the stream, which aborts its engine request.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ import grpc
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import from_rpc_error
+from fmapi_common.errors import DeadlineExceeded
 from fmapi_common.identity import Identity
 
-from .backends import Backends, open_generation
+from .backends import Backends, call_error, open_generation
 from .callers import require_query
 from .openai_generation import GenerationCall
-from .tasks import require_task
+from .tasks import check_endpoint_name, require_task
 
 
 @dataclass
@@ -35,15 +39,37 @@ class Event:
 
 
 class Run:
-    def __init__(self, call: GenerationCall, endpoint: str, streams, firsts) -> None:
+    def __init__(self, call: GenerationCall, endpoint: str, streams, *, idle: float, cap: float) -> None:
         self.call = call
         self.endpoint = endpoint
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
         self._streams = streams
-        self._firsts = firsts
+        self._firsts: list[pb.GenerateResponse | None] = [None] * len(streams)
+        self._idle = idle
+        self._cap = cap
         self.prompt_tokens = 0
         self.completion_tokens = 0
+
+    async def read_firsts(self) -> None:
+        """Every stream's first message: a refusal (bad parameter, no replica) surfaces here."""
+        self._firsts = list(await asyncio.gather(*(self._read(k) for k in range(len(self._streams)))))
+
+    async def _read(self, k: int) -> pb.GenerateResponse | None:
+        """Stream ``k``'s next message (None at its end), within the idle timeout and the cap."""
+        try:
+            async with asyncio.timeout(self._idle):
+                msg = await self._streams[k].read()
+        except TimeoutError:
+            self._streams[k].cancel()
+            raise DeadlineExceeded(
+                f"the model server sent nothing for {self._idle:g} s; the request was cancelled"
+            ) from None
+        except grpc.RpcError as exc:
+            raise call_error(
+                exc, f"the request ran past the {self._cap:g} s limit of endpoint '{self.endpoint}'"
+            ) from None
+        return None if msg is grpc.aio.EOF else msg
 
     def _absorb(self, k: int, msg: pb.GenerateResponse) -> list[Event]:
         if msg.HasField("usage"):
@@ -56,12 +82,8 @@ class Run:
         if first is None:  # the stream ended before its first message
             return
         yield self._absorb(k, first)
-        stream = self._streams[k]
-        try:
-            while (msg := await stream.read()) is not grpc.aio.EOF:
-                yield self._absorb(k, msg)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        while (msg := await self._read(k)) is not None:
+            yield self._absorb(k, msg)
 
     async def events(self) -> AsyncIterator[Event]:
         if len(self._streams) == 1:
@@ -103,25 +125,24 @@ class Run:
 
 
 async def start(backends: Backends, caller: Identity, call: GenerationCall) -> Run:
+    check_endpoint_name(call.endpoint, "model")
     require_query(caller, call.endpoint)
     res = await backends.resolve(call.endpoint)
     require_task(res.endpoint, routing_pb2.TASK_CHAT, routing_pb2.TASK_COMPLETIONS)
     default_max = res.endpoint.limits.default_max_tokens
+    cap = backends.request_cap(res.endpoint)
     rid = uuid.uuid4().hex
     streams = []
     for k, req in enumerate(call.requests):
         if not call.max_tokens_given and default_max > 0:
             req.sampling.max_tokens = default_max
+        req.max_prompt_tokens = res.endpoint.limits.max_prompt_tokens
         req.request_id = f"{rid}-{k}"
-        streams.append(open_generation(backends, res.replica.address, req))
-    run = Run(call, res.endpoint.name, streams, [None] * len(streams))
+        streams.append(open_generation(backends, res.replica.address, req, cap))
+    run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap)
     try:
-        firsts = await asyncio.gather(*(s.read() for s in streams))
-    except grpc.RpcError as exc:
-        run.close()
-        raise from_rpc_error(exc) from None
+        await run.read_firsts()
     except BaseException:
         run.close()
         raise
-    run._firsts = [None if f is grpc.aio.EOF else f for f in firsts]
     return run

@@ -15,8 +15,11 @@ from .backends import Backends
 from .callers import verified
 from .embeddings import embed
 from .openai_generation import FINISH, GenerationCall
-from .tasks import TASK_NAMES
+from .tasks import TASK_NAMES, check_endpoint_name
 from .views import endpoint_ready
+
+
+_SERVICE_PATH = "/" + pb.DESCRIPTOR.services_by_name["InferenceService"].full_name + "/"
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -24,17 +27,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._backends = backends
         self._key = identity_key
 
-    def _caller(self, context):
-        return verified(context.invocation_metadata() or (), self._key)
+    def _caller(self, context, method: str):
+        """The identity auth signed for this call of ``method`` (gRPC calls are POSTs)."""
+        return verified(context.invocation_metadata() or (), self._key, "POST", _SERVICE_PATH + method)
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         if not request.endpoint:
             raise InvalidArgument("'endpoint' is required", param="endpoint")
+        check_endpoint_name(request.endpoint, "endpoint")
         if not request.texts:
             raise InvalidArgument("'texts' must not be empty", param="texts")
         result = await embed(
             self._backends,
-            self._caller(context),
+            self._caller(context, "Embed"),
             request.endpoint,
             list(request.texts),
             dimensions=request.dimensions or None,
@@ -54,18 +59,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             messages=[gen_pb.ChatMessage(role=m.role, content=m.content) for m in request.messages]
         )
         req = gen_pb.GenerateRequest(chat=chat, sampling=_sampling(request.sampling))
-        async for resp in self._generate(context, request.endpoint, req, chat=True, cls=pb.ChatResponse):
+        async for resp in self._generate(context, "Chat", request.endpoint, req, chat=True, cls=pb.ChatResponse):
             yield resp
 
     async def Complete(self, request: pb.CompleteRequest, context):
         req = gen_pb.GenerateRequest(prompt=request.prompt, sampling=_sampling(request.sampling))
-        async for resp in self._generate(context, request.endpoint, req, chat=False, cls=pb.CompleteResponse):
+        async for resp in self._generate(context, "Complete", request.endpoint, req, chat=False, cls=pb.CompleteResponse):
             yield resp
 
-    async def _generate(self, context, endpoint: str, req, *, chat: bool, cls):
-        ident = self._caller(context)
+    async def _generate(self, context, method: str, endpoint: str, req, *, chat: bool, cls):
+        ident = self._caller(context, method)
         if not endpoint:
             raise InvalidArgument("'endpoint' is required", param="endpoint")
+        check_endpoint_name(endpoint, "endpoint")
         s = req.sampling
         call = GenerationCall(
             endpoint=endpoint, requests=[req], stream=True, include_usage=True,
@@ -84,7 +90,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             run.close()
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        ident = self._caller(context)
+        ident = self._caller(context, "ListModels")
         eps, live = await asyncio.gather(
             self._backends.list_endpoints(), self._backends.live_models()
         )

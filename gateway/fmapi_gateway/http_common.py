@@ -1,4 +1,5 @@
-"""The HTTP boundary: JSON in and out, body limits, request ids, tracing, error mapping.
+"""The HTTP boundary: JSON in and out, body limits (size and nesting), request ids, tracing,
+error mapping, and watching for clients that leave.
 
 Every error that leaves the REST API goes through :func:`error_response`, which gives the OpenAI
 body and Databricks' ``error_code`` at once, plus ``Retry-After`` on 429 and 503.
@@ -6,10 +7,12 @@ body and Databricks' ``error_code`` at once, plus ``Retry-After`` on 429 and 503
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 from opentelemetry import trace
@@ -23,6 +26,12 @@ from fmapi_common.telemetry import extract_http_context
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("fmapi.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Deepest JSON nesting accepted in a request body (the body object itself is level 1). Real
+# bodies, JSON schemas in ``tools`` and ``response_format`` included, stay far below; much deeper
+# nesting only serves to exhaust recursion in whatever walks the value next.
+MAX_JSON_DEPTH = 64
+_CONTAINERS = (dict, list)  # what orjson gives for objects and arrays
+T = TypeVar("T")
 
 
 class JSON(Response):
@@ -35,6 +44,11 @@ class JSON(Response):
 def error_response(err: FmapiError) -> Response:
     http = to_http(err)
     return JSON(http.body, status_code=http.status, headers=http.headers)
+
+
+def internal_error(request_id: str) -> Response:
+    """The answer to an unexpected failure: the standard 500 body, nothing about the cause."""
+    return error_response(Internal(f"internal error (request id {request_id})"))
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -59,7 +73,66 @@ async def read_json(request: Request, limit: int) -> dict:
         raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidArgument(f"request body must be a JSON object, not {type(body).__name__}")
+    _check_depth(raw, body)
     return body
+
+
+def _check_depth(raw: bytes, body: dict) -> None:
+    """400 naming the field whose value nests deeper than :data:`MAX_JSON_DEPTH` levels."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return  # too few brackets to nest that deep (brackets inside strings only add to this)
+    for key, value in body.items():
+        if _depth(value, MAX_JSON_DEPTH) >= MAX_JSON_DEPTH:
+            raise InvalidArgument(
+                f"request body nests JSON more than {MAX_JSON_DEPTH} levels deep (in '{key}'); "
+                f"at most {MAX_JSON_DEPTH} levels are allowed",
+                param=key,
+            )
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, ``[]`` is 1), counted level by level
+    (no recursion) and no further than ``limit``."""
+    depth, level = 0, [value] if type(value) in _CONTAINERS else []
+    while level and depth < limit:
+        depth += 1
+        level = [c for v in level for c in _containers_in(v)]
+    return depth
+
+
+def _containers_in(value: dict | list) -> list:
+    items = value.values() if type(value) is dict else value
+    kinds = set(map(type, items))  # C speed: a million token ids take milliseconds
+    if dict in kinds or list in kinds:
+        return [c for c in items if type(c) in _CONTAINERS]
+    return []
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, unless the client disconnects first: then ``work`` is cancelled (so it
+    closes what it opened, such as generation streams) and :class:`ClientDisconnected` raised.
+    Only once the body has been read: the watch consumes ``receive``."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class RequestContextMiddleware:
@@ -105,5 +178,4 @@ class RequestContextMiddleware:
                 log.exception("unhandled error on %s (request %s)", name, rid)
                 span.record_exception(exc)
                 if not started:
-                    resp = error_response(Internal(f"internal error (request id {rid})"))
-                    await resp(scope, receive, send_with_id)
+                    await internal_error(rid)(scope, receive, send_with_id)

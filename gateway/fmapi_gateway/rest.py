@@ -6,8 +6,8 @@ import asyncio
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from fmapi.routing.v1 import routing_pb2
@@ -19,7 +19,16 @@ from .callers import IdentityMiddleware, require_admin, require_query
 from .config import GatewayConfig
 from .tokens_api import TokensApi
 from .embeddings import embed
-from .http_common import JSON, RequestContextMiddleware, error_response, read_json
+from .http_common import (
+    JSON,
+    ClientDisconnected,
+    RequestContextMiddleware,
+    error_response,
+    internal_error,
+    read_json,
+    unless_disconnected,
+)
+from .tasks import check_endpoint_name
 from .views import databricks_endpoint, endpoint_ready, openai_model
 
 
@@ -34,14 +43,14 @@ class Api:
     async def embeddings(self, request: Request, endpoint: str | None = None) -> JSON:
         body = await read_json(request, self.config.max_body_bytes)
         req = openai_embeddings.parse_request(body, endpoint)
-        result = await embed(
+        result = await unless_disconnected(request, embed(
             self.backends,
             caller(request),
             req["endpoint"],
             req["inputs"],
             dimensions=req["dimensions"],
             instruction=req["instruction"],
-        )
+        ))
         return JSON(openai_embeddings.render(result, req["encoding_format"]))
 
     async def openai_embeddings(self, request: Request) -> JSON:
@@ -51,8 +60,11 @@ class Api:
         body = await read_json(request, self.config.max_body_bytes)
         parse = openai_generation.parse_chat if chat else openai_generation.parse_completion
         call = parse(body, endpoint)
+        return await unless_disconnected(request, self._generate(caller(request), call))
+
+    async def _generate(self, ident, call: openai_generation.GenerationCall):
         # Everything that can refuse the request happens here, before any byte is sent.
-        run = await generation.start(self.backends, caller(request), call)
+        run = await generation.start(self.backends, ident, call)
         if call.stream:
             return StreamingResponse(
                 generation_views.stream(run),
@@ -69,7 +81,7 @@ class Api:
 
     async def invocations(self, request: Request):
         """Databricks' per-endpoint path: the endpoint's task decides the request shape."""
-        name = request.path_params["name"]
+        name = path_endpoint(request, "name")
         require_query(caller(request), name)
         ep = await self._endpoint(name, "name")
         if ep.task == routing_pb2.TASK_EMBEDDINGS:
@@ -85,7 +97,7 @@ class Api:
         return JSON({"object": "list", "data": [openai_model(e) for e in eps if not e.retired]})
 
     async def get_model(self, request: Request) -> JSON:
-        name = request.path_params["model"]
+        name = path_endpoint(request, "model")
         require_query(caller(request), name)
         return JSON(openai_model(await self._endpoint(name, "model")))
 
@@ -94,7 +106,7 @@ class Api:
         return JSON({"endpoints": [databricks_endpoint(e, endpoint_ready(e, live)) for e in eps]})
 
     async def get_serving_endpoint(self, request: Request) -> JSON:
-        name = request.path_params["name"]
+        name = path_endpoint(request, "name")
         ident = caller(request)
         if not ident.admin:
             require_query(ident, name)
@@ -154,6 +166,13 @@ def caller(request: Request):
     return request.scope["state"]["identity"]
 
 
+def path_endpoint(request: Request, key: str) -> str:
+    """The endpoint name in path parameter ``key``, checked before it goes anywhere."""
+    name = request.path_params[key]
+    check_endpoint_name(name, key)
+    return name
+
+
 def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi) -> RequestContextMiddleware:
     api = Api(config, backends, tokens)
     routes = [
@@ -185,8 +204,23 @@ def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi) -> R
             return resp
         return error_response(NotFound(f"no route for {request.method} {request.url.path}"))
 
+    async def on_disconnect(request: Request, exc: Exception):
+        return Response(status_code=499)  # nobody reads it: the client has gone
+
+    async def on_unexpected(request: Request, exc: Exception):
+        # Answers in the standard shape; Starlette re-raises, RequestContextMiddleware logs it.
+        return internal_error(request.state.request_id)
+
     app = Starlette(
         routes=routes,
-        exception_handlers={FmapiError: on_fmapi_error, HTTPException: on_http_error},
+        exception_handlers={
+            FmapiError: on_fmapi_error,
+            HTTPException: on_http_error,
+            ClientDisconnected: on_disconnect,  # while the answer was being prepared
+            ClientDisconnect: on_disconnect,  # while the body was being read
+            Exception: on_unexpected,
+        },
     )
+    # /v1/embeddings/ is not /v1/embeddings: a 404, not a redirect built from the Host header.
+    app.router.redirect_slashes = False
     return RequestContextMiddleware(IdentityMiddleware(app, config.identity_key_bytes()))

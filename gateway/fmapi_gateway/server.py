@@ -66,7 +66,8 @@ def _https(config: GatewayConfig) -> dict:
 async def serve(config: GatewayConfig) -> None:
     setup_telemetry("gateway")
     tls = config.tls()
-    backends = Backends(config.routing_addr, config.backend_timeout_s, tls)
+    backends = Backends(config.routing_addr, config.backend_timeout_s, tls,
+                        request_timeout=config.request_timeout_s)
     tokens = TokensApi(config.auth_addr, tls)
     key = config.identity_key_bytes()
 

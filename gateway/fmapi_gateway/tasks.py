@@ -1,4 +1,5 @@
-"""Endpoint tasks: names as clients know them, and the check that an endpoint serves a task."""
+"""Checks on the endpoint a call names, shared by every API: the name's length, and that the
+endpoint serves the call's task (with task names as clients know them)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,24 @@ TASK_NAMES = {
     routing_pb2.TASK_COMPLETIONS: "llm/v1/completions",
     routing_pb2.TASK_EMBEDDINGS: "llm/v1/embeddings",
 }
+# Longest endpoint name: routing's endpoint YAML allows ``^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$``.
+MAX_ENDPOINT_NAME = 63
 _API = {
     routing_pb2.TASK_CHAT: "/chat/completions",
     routing_pb2.TASK_COMPLETIONS: "/completions",
     routing_pb2.TASK_EMBEDDINGS: "/embeddings",
 }
+
+
+def check_endpoint_name(name: str, param: str) -> None:
+    """400 naming ``param`` for a name no endpoint can have, before it travels anywhere (a
+    name echoed in every error's gRPC trailers can make them overflow the metadata limit)."""
+    if len(name) > MAX_ENDPOINT_NAME:
+        raise InvalidArgument(
+            f"'{param}' is {len(name)} characters long; endpoint names have at most "
+            f"{MAX_ENDPOINT_NAME}",
+            param=param,
+        )
 
 
 def require_task(ep: routing_pb2.Endpoint, *tasks: int) -> None:

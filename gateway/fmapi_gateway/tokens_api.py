@@ -3,6 +3,8 @@ service's gRPC API. Admin tokens only."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
 from google.protobuf import timestamp_pb2
 
@@ -11,9 +13,13 @@ from fmapi.auth.v1 import auth_pb2_grpc
 from fmapi_common.channels import make_channel
 from fmapi_common.errors import InvalidArgument, from_rpc_error
 from fmapi_common.identity import Identity
+from fmapi_common.tls import AUTH, TlsFiles
 
 _KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_principal": pb.PRINCIPAL_KIND_SERVICE_PRINCIPAL}
 _KIND_NAMES = {v: k for k, v in _KINDS.items()}
+# Token ids are short lowercase hex strings (auth makes them with secrets.token_hex).
+_TOKEN_ID = re.compile(r"^[0-9a-f]{1,64}$")
+_INT64_MAX = 2**63 - 1
 
 
 def _ms(ts: timestamp_pb2.Timestamp, unset: int | None = -1) -> int | None:
@@ -38,8 +44,8 @@ def token_info(info: pb.TokenInfo) -> dict:
 
 
 class TokensApi:
-    def __init__(self, auth_addr: str) -> None:
-        self._channel = make_channel(auth_addr)
+    def __init__(self, auth_addr: str, tls: TlsFiles | None) -> None:
+        self._channel = make_channel(auth_addr, tls, AUTH)
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -60,10 +66,11 @@ class TokensApi:
                 raise InvalidArgument(f"'{key}' has the wrong type", param=key)
             return v
 
+        # The longest lifetime is auth's rule (one constant, one message): here only the shape.
         lifetime = opt("lifetime_seconds", int, 0)
-        if not 0 <= lifetime <= 100 * 365 * 86400:
+        if not 0 <= lifetime <= _INT64_MAX:
             raise InvalidArgument(
-                "'lifetime_seconds' must be between 0 (no expiry) and 100 years",
+                "'lifetime_seconds' must be 0 (no expiry) or a positive 64-bit number of seconds",
                 param="lifetime_seconds",
             )
         kind = opt("principal_kind", str, caller.principal_kind)
@@ -92,5 +99,9 @@ class TokensApi:
         tid = body.get("token_id")
         if not isinstance(tid, str) or not tid:
             raise InvalidArgument("'token_id' is required", param="token_id")
+        if not _TOKEN_ID.match(tid):
+            raise InvalidArgument(
+                "'token_id' is not a token id (at most 64 hexadecimal digits)", param="token_id"
+            )
         await self._call(self._stub.RevokeToken, pb.RevokeTokenRequest(id=tid))
         return {}

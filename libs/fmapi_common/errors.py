@@ -16,6 +16,15 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "fmapi"
+# Longest message carried in a gRPC status: messages may quote what a caller sent, and gRPC
+# trailers are limited (an oversized one turns into a transport error).
+MAX_MESSAGE_CHARS = 1024
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 15] + "… (truncated)"
 
 
 class FmapiError(Exception):
@@ -120,11 +129,11 @@ def to_rpc_status(err: FmapiError) -> grpc.Status:
     details = []
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN)
     if err.param:
-        info.metadata["param"] = err.param
+        info.metadata["param"] = _clip(err.param)
     details.append(info)
     if err.param:
         br = error_details_pb2.BadRequest()
-        br.field_violations.add(field=err.param, description=err.message)
+        br.field_violations.add(field=_clip(err.param), description=_clip(err.message))
         details.append(br)
     if err.retry_after is not None:
         details.append(
@@ -135,7 +144,7 @@ def to_rpc_status(err: FmapiError) -> grpc.Status:
                 )
             )
         )
-    status = status_pb2.Status(code=err.grpc_code.value[0], message=err.message)
+    status = status_pb2.Status(code=err.grpc_code.value[0], message=_clip(err.message))
     for d in details:
         status.details.add().Pack(d)
     return rpc_status.to_status(status)
@@ -170,6 +179,10 @@ def from_rpc_error(exc: grpc.RpcError) -> FmapiError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and reason is None:
         cls: type[FmapiError] = Unavailable
         message = f"upstream service unavailable: {message}"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason is None:
+        # From the transport (a message or its trailers over a size limit), not a rate limit.
+        cls = Internal
+        message = f"an internal message was too large: {message}"
     else:
         cls = _BY_GRPC_CODE.get(code, Internal)
     return cls(message, param=param, reason=reason, retry_after=retry_after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -49,6 +50,9 @@ def embedding(tmp_path_factory):
             "FMAPI_EMBEDDING_MODELS": json.dumps({MINILM: "package", "tiny": str(tiny)}),
             "FMAPI_EMBEDDING_PORT_FILE": str(tmp / "port"),
             "FMAPI_EMBEDDING_MAX_WAIT_MS": "20",
+            # Two cores, shared with the tokenizer lanes and other tests: with one torch thread
+            # the latencies measured here are the service's, not OpenMP's under oversubscription.
+            "FMAPI_EMBEDDING_TORCH_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
             **tls.env("FMAPI_EMBEDDING_", "embedding"),
         },
@@ -145,3 +149,32 @@ async def test_attack_model_server_serves_only_the_gateway(embedding):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await embedding_pb2_grpc.EmbeddingServiceStub(ch).Embed(req(MINILM, ["hi"]), timeout=5)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, identity
+
+
+async def test_a_huge_input_does_not_stall_other_callers(stub):
+    """The attack: a ~4 MB input took seconds of tokenizing on the event loop, and every other
+    caller waited. Small requests must keep completing quickly while it is being tokenized."""
+    huge = ("lorem ipsum dolor sit amet, consectetur adipiscing elit " * 70_000)[:3_900_000]
+    big = asyncio.ensure_future(stub.Embed(req(MINILM, [huge], truncate=True), timeout=60))
+    await asyncio.sleep(0.2)  # the huge request is in
+    latencies = []
+    while not big.done() and len(latencies) < 20:
+        t0 = time.monotonic()
+        await stub.Embed(req(MINILM, [f"a small request {len(latencies)}"]), timeout=10)
+        latencies.append(time.monotonic() - t0)
+    assert not big.done(), "the huge input was tokenized too fast to overlap anything"
+    assert max(latencies) < 1.0, latencies  # it stalled them for 5 s or more
+    assert (await big).input_tokens == 256  # and it is served too, truncated
+
+
+def test_lane_tokenizer_truncates_exactly_as_the_model_would():
+    """Tokens cut on a tokenizer lane are those the model's own tokenizer would have kept."""
+    from fmapi_embedding.model import SentenceTransformerEncoder
+
+    enc = SentenceTransformerEncoder(MINILM, "package")
+    texts = ["short", "word " * 400, "Ünïcödé straße 東京 " * 100, "x" * 5000, "tail ##ing words " * 90]
+    ours = enc.tokenizer().tokenize(texts)
+    theirs = enc._tokenizer(texts, truncation=True, max_length=enc.max_input_tokens)
+    assert [t.ids for t in ours] == theirs["input_ids"]
+    full = enc._tokenizer(texts, truncation=False)["input_ids"]
+    assert [t.count for t in ours] == [len(ids) for ids in full]

