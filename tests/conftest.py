@@ -31,6 +31,41 @@ endpoints:
     served_entities: [{model: tiny}]
     retired: true
     replacement: tiny-chat
+# Metered endpoints for the quota tests (each test has its own, so their budgets are apart).
+  - name: q-embed-ceiling
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits: {endpoint: {requests_per_minute: 30}}
+  - name: q-embed-principals
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits:
+      requests_per_minute: 2
+      endpoint: {requests_per_minute: 5}
+  - name: q-embed-override
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits:
+      requests_per_minute: 1
+      principals: [{principal: vip, limits: {requests_per_minute: 3}}]
+  - name: q-embed-retry
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits: {input_tokens_per_minute: 600}
+  - name: q-chat-tokens
+    task: llm/v1/chat
+    served_entities: [{model: tiny}]
+    limits: {output_tokens_per_minute: 100, default_max_tokens: 16}
+  - name: q-chat-stream
+    task: llm/v1/chat
+    served_entities: [{model: tiny}]
+    limits: {output_tokens_per_minute: 100000}
+  - name: q-provisioned
+    task: llm/v1/chat
+    served_entities: [{model: tiny}]
+    capacity_mode: provisioned_throughput
+    provisioned_throughput: {min_tokens_per_second: 5, max_tokens_per_second: 5,
+                             chunk_tokens_per_second: 5}
 """
 
 # Settings that make a tiny model start fast and decode predictably on 2 CPU cores.

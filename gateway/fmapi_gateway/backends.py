@@ -12,6 +12,7 @@ from fmapi_common.tls import EMBEDDING, GENERATION, ROUTING, TlsFiles
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .config import DEFAULT_REQUEST_TIMEOUT_S
+from .quota import Quota
 
 
 class Backends:
@@ -20,7 +21,9 @@ class Backends:
     endpoint sets ``limits.request_timeout_seconds``."""
 
     def __init__(self, routing_addr: str, idle_timeout: float, tls: TlsFiles | None,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, quota: Quota | None = None) -> None:
+        # Admission and settlement (None only in tests of the gateway's other parts).
+        self.quota = quota
         self._routing_channel = make_channel(routing_addr, tls, ROUTING)
         self.routing = routing_pb2_grpc.RoutingServiceStub(self._routing_channel)
         self.pool = ChannelPool(tls)
@@ -28,6 +31,8 @@ class Backends:
         self.request_timeout = request_timeout
 
     async def close(self) -> None:
+        if self.quota is not None:
+            await self.quota.close()
         await self._routing_channel.close()
         await self.pool.close()
 
@@ -64,6 +69,29 @@ class Backends:
     def request_cap(self, endpoint: routing_pb2.Endpoint) -> float:
         """Seconds one request to ``endpoint`` may take in all."""
         return endpoint.limits.request_timeout_seconds or self.request_timeout
+
+    async def count_embedding_tokens(self, address: str, request: embedding_pb2.EmbedRequest) -> int:
+        """The input tokens ``embed`` would charge (the embedding server's own tokenizer)."""
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(self.pool.get(address, EMBEDDING))
+        try:
+            resp = await stub.CountTokens(
+                embedding_pb2.CountTokensRequest(request=request), timeout=self.idle_timeout)
+        except grpc.RpcError as exc:
+            raise call_error(exc, f"the embedding server did not answer within {self.idle_timeout:g} s") from None
+        return resp.input_tokens
+
+    async def count_generation_tokens(self, address: str, requests) -> list:
+        """Prompt tokens and output reservation of each request (the model server's tokenizer
+        and chat template, and Generate's own checks)."""
+        from fmapi.generation.v1 import generation_pb2, generation_pb2_grpc
+
+        stub = generation_pb2_grpc.GenerationServiceStub(self.pool.get(address, GENERATION))
+        try:
+            resp = await stub.CountTokens(
+                generation_pb2.CountTokensRequest(requests=requests), timeout=self.idle_timeout)
+        except grpc.RpcError as exc:
+            raise call_error(exc, f"the model server did not answer within {self.idle_timeout:g} s") from None
+        return list(resp.counts)
 
     async def embed(self, address: str, request: embedding_pb2.EmbedRequest,
                     cap: float) -> embedding_pb2.EmbedResponse:

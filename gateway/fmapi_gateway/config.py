@@ -19,6 +19,9 @@ class GatewayConfig(ServiceConfig):
     routing_addr: str
     # The auth service (token management API).
     auth_addr: str
+    # The quota service: every inference request is admitted and settled there (required: no
+    # request runs unmetered).
+    quota_addr: str
     # HMAC key shared with auth: only identities signed with it are accepted (hex or raw).
     identity_key: IdentityKey
     http_port: int = 0

@@ -1,18 +1,22 @@
-"""The embeddings use case, shared by the REST and the public gRPC API."""
+"""The embeddings use case, shared by the REST and the public gRPC API.
+
+Resolve the endpoint, count the input tokens with the model server's tokenizer, have the quota
+service admit them, embed, and settle (exactly once, whatever happens)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fmapi.embedding.v1 import embedding_pb2
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import InvalidArgument
+from fmapi_common.errors import FmapiError, InvalidArgument, to_http
 from fmapi_common.identity import Identity
 
 from .backends import Backends
 from .callers import require_query
+from .quota import CLIENT_CLOSED, UsageTags
 from .tasks import check_endpoint_name, require_task
 
 
@@ -21,6 +25,8 @@ class Embeddings:
     endpoint: str
     vectors: np.ndarray  # (n, d) float32
     input_tokens: int
+    # OpenAI's rate-limit headers for the response.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 async def embed(
@@ -28,6 +34,7 @@ async def embed(
     caller: Identity,
     endpoint_name: str,
     inputs: list[str] | list[list[int]],
+    tags: UsageTags,
     *,
     dimensions: int | None = None,
     instruction: str | None = None,
@@ -63,6 +70,30 @@ async def embed(
             req.inputs.add(text=item)
         else:
             req.inputs.add(tokens=embedding_pb2.TokenIds(ids=item))
-    resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
+    if backends.quota is None:
+        resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
+        return _result(ep.name, resp, {})
+    tokens = await backends.count_embedding_tokens(res.replica.address, req)
+    meter = await backends.quota.admit(
+        tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,
+        output_tokens=0, streaming=False, input_param="input",
+    )
+    status = CLIENT_CLOSED
+    try:
+        resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
+        status = 200
+    except FmapiError as exc:
+        status = to_http(exc).status
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        meter.settle(output_tokens=0, status_code=status,
+                     input_tokens=resp.input_tokens if status == 200 else None)
+    return _result(ep.name, resp, meter.headers)
+
+
+def _result(endpoint: str, resp: embedding_pb2.EmbedResponse, headers: dict[str, str]) -> Embeddings:
     vectors = np.array([e.values for e in resp.embeddings], dtype=np.float32)
-    return Embeddings(ep.name, vectors, resp.input_tokens)
+    return Embeddings(endpoint, vectors, resp.input_tokens, headers)

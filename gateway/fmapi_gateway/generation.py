@@ -1,10 +1,11 @@
 """The chat/completions use case, shared by the REST and the public gRPC API.
 
-:func:`start` resolves the endpoint and opens one generation stream per prompt, and reads each
-stream's first message before returning, so that every refusal (unknown endpoint, bad
-parameter, prompt too long, no replica) is raised before a response starts. After that,
-:meth:`Run.events` yields the deltas; closing the run cancels the streams, which aborts the
-engine requests.
+:func:`start` resolves the endpoint, asks the model server what the call costs (exact prompt
+tokens, output to reserve), has the quota service admit it, then opens one generation stream per
+prompt and reads each stream's first message before returning, so that every refusal (unknown
+endpoint, bad parameter, prompt too long, rate limit, no replica) is raised before a response
+starts. After that, :meth:`Run.events` yields the deltas; :meth:`Run.close` cancels the streams
+(which aborts the engine requests) and settles the request with what was really generated.
 
 Timeouts: every wait for a stream's next message (the first included) is bounded by the
 gateway's idle timeout, and each stream by the endpoint's overall cap (a gRPC deadline); either
@@ -23,12 +24,13 @@ import grpc
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import DeadlineExceeded
+from fmapi_common.errors import DeadlineExceeded, FmapiError, to_http
 from fmapi_common.identity import Identity
 
 from .backends import Backends, call_error, open_generation
 from .callers import require_query
 from .openai_generation import GenerationCall
+from .quota import CLIENT_CLOSED, Meter, UsageTags
 from .tasks import check_endpoint_name, require_task
 
 
@@ -39,7 +41,8 @@ class Event:
 
 
 class Run:
-    def __init__(self, call: GenerationCall, endpoint: str, streams, *, idle: float, cap: float) -> None:
+    def __init__(self, call: GenerationCall, endpoint: str, streams, *, idle: float, cap: float,
+                 meter: Meter | None) -> None:
         self.call = call
         self.endpoint = endpoint
         self.id = uuid.uuid4().hex
@@ -48,8 +51,12 @@ class Run:
         self._firsts: list[pb.GenerateResponse | None] = [None] * len(streams)
         self._idle = idle
         self._cap = cap
+        self.meter = meter
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        # Tokens seen in deltas so far: what a run cut short is settled with.
+        self.generated = 0
+        self.finish_reason = ""
 
     async def read_firsts(self) -> None:
         """Every stream's first message: a refusal (bad parameter, no replica) surfaces here."""
@@ -75,6 +82,12 @@ class Run:
         if msg.HasField("usage"):
             self.prompt_tokens += msg.usage.prompt_tokens
             self.completion_tokens += msg.usage.completion_tokens
+        for d in msg.choices:
+            self.generated += d.num_tokens
+            if d.finish_reason:
+                self.finish_reason = pb.FinishReason.Name(d.finish_reason).removeprefix("FINISH_REASON_").lower()
+        if msg.choices and self.meter is not None:
+            self.meter.first_token()
         return [Event(k * self.call.n + d.index, d) for d in msg.choices]
 
     async def _one(self, k: int) -> AsyncIterator[list[Event]]:
@@ -119,29 +132,46 @@ class Run:
             for t in tasks:
                 t.cancel()
 
-    def close(self) -> None:
+    def close(self, status_code: int = CLIENT_CLOSED) -> None:
+        """Cancel what still runs and settle the request (once) with what was generated.
+        ``status_code`` is what the caller got (499: it went away before the end)."""
         for s in self._streams:
             s.cancel()
+        if self.meter is not None:
+            finish = self.finish_reason if status_code == 200 else (
+                "cancelled" if status_code == CLIENT_CLOSED else "error")
+            self.meter.settle(output_tokens=max(self.completion_tokens, self.generated),
+                              status_code=status_code, finish_reason=finish)
 
 
-async def start(backends: Backends, caller: Identity, call: GenerationCall) -> Run:
+async def start(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags) -> Run:
     check_endpoint_name(call.endpoint, "model")
     require_query(caller, call.endpoint)
     res = await backends.resolve(call.endpoint)
     require_task(res.endpoint, routing_pb2.TASK_CHAT, routing_pb2.TASK_COMPLETIONS)
     default_max = res.endpoint.limits.default_max_tokens
     cap = backends.request_cap(res.endpoint)
-    rid = uuid.uuid4().hex
-    streams = []
     for k, req in enumerate(call.requests):
         if not call.max_tokens_given and default_max > 0:
             req.sampling.max_tokens = default_max
         req.max_prompt_tokens = res.endpoint.limits.max_prompt_tokens
-        req.request_id = f"{rid}-{k}"
-        streams.append(open_generation(backends, res.replica.address, req, cap))
-    run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap)
+        req.request_id = f"{tags.request_id}-{k}"
+    meter = None
+    if backends.quota is not None:
+        counts = await backends.count_generation_tokens(res.replica.address, call.requests)
+        meter = await backends.quota.admit(
+            tags=tags, endpoint=res.endpoint, model=res.model, caller=caller,
+            input_tokens=sum(c.prompt_tokens for c in counts),
+            output_tokens=sum(c.max_output_tokens for c in counts),
+            streaming=call.stream, input_param="messages" if call.chat else "prompt",
+        )
+    streams = [open_generation(backends, res.replica.address, req, cap) for req in call.requests]
+    run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap, meter=meter)
     try:
         await run.read_firsts()
+    except FmapiError as exc:
+        run.close(to_http(exc).status)
+        raise
     except BaseException:
         run.close()
         raise

@@ -16,6 +16,7 @@ import orjson
 from fmapi_common.errors import FmapiError, Internal, to_http
 
 from .generation import Run
+from .quota import CLIENT_CLOSED
 from .openai_generation import FINISH, chat_logprobs, completion_logprobs, tool_calls, usage
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ async def stream(run: Run) -> AsyncIterator[bytes]:
         return _sse(body)
 
     offsets = [0] * _choice_count(run)
+    status = CLIENT_CLOSED  # until the stream is seen through to its end
     try:
         if chat:
             yield chunk([
@@ -77,13 +79,16 @@ async def stream(run: Run) -> AsyncIterator[bytes]:
         if with_usage:
             yield _sse({**base, "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens)})
         yield b"data: [DONE]\n\n"
+        status = 200
     except FmapiError as exc:
+        status = to_http(exc).status
         yield _sse(to_http(exc).body)
     except Exception:  # noqa: BLE001 - reported in-band, the stream is already open
         log.exception("generation stream failed")
+        status = 500
         yield _sse(to_http(Internal("generation failed mid-stream")).body)
     finally:
-        run.close()
+        run.close(status)
 
 
 async def collect(run: Run) -> dict:
@@ -92,6 +97,7 @@ async def collect(run: Run) -> dict:
     finishes: list[str | None] = [None] * n
     lps: list[list] = [[] for _ in range(n)]
     calls: list[list | None] = [None] * n
+    status = CLIENT_CLOSED  # until every stream is read to its end
     try:
         async for ev in run.events():
             d = ev.delta
@@ -102,8 +108,15 @@ async def collect(run: Run) -> dict:
             c = tool_calls(d, streaming=False)
             if c:
                 calls[ev.index] = c
+        status = 200
+    except FmapiError as exc:
+        status = to_http(exc).status
+        raise
+    except Exception:
+        status = 500
+        raise
     finally:
-        run.close()
+        run.close(status)
     if run.call.chat:
         choices = []
         for i in range(n):

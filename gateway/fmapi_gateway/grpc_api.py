@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from fmapi.inference.v1 import inference_pb2 as pb
 from fmapi.inference.v1 import inference_pb2_grpc
-from fmapi_common.errors import InvalidArgument
+from fmapi_common.errors import FmapiError, InvalidArgument, to_http
 
 from fmapi.generation.v1 import generation_pb2 as gen_pb
 
@@ -15,6 +16,7 @@ from .backends import Backends
 from .callers import verified
 from .embeddings import embed
 from .openai_generation import FINISH, GenerationCall
+from .quota import CLIENT_CLOSED, UsageTags
 from .tasks import TASK_NAMES, check_endpoint_name
 from .views import endpoint_ready
 
@@ -26,6 +28,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, backends: Backends, identity_key: bytes) -> None:
         self._backends = backends
         self._key = identity_key
+
+    @staticmethod
+    def _tags(context) -> UsageTags:
+        """The call's request id: Envoy's x-request-id (every call comes through Envoy)."""
+        rid = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), "")
+        return UsageTags(rid if 0 < len(rid) <= 128 else uuid.uuid4().hex)
 
     def _caller(self, context, method: str):
         """The identity auth signed for this call of ``method`` (gRPC calls are POSTs)."""
@@ -42,10 +50,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._caller(context, "Embed"),
             request.endpoint,
             list(request.texts),
+            self._tags(context),
             dimensions=request.dimensions or None,
             instruction=request.instruction if request.HasField("instruction") else None,
         )
         n = result.input_tokens
+        await context.send_initial_metadata(tuple(result.headers.items()))
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=v) for v in result.vectors.tolist()],
             usage=pb.Usage(prompt_tokens=n, total_tokens=n),
@@ -78,16 +88,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             n=s.n if s.HasField("n") else 1, logprobs=False, chat=chat,
             max_tokens_given=s.HasField("max_tokens"),
         )
-        run = await generation.start(self._backends, ident, call)
+        run = await generation.start(self._backends, ident, call, self._tags(context))
+        status = CLIENT_CLOSED
         try:
+            if run.meter is not None:
+                await context.send_initial_metadata(tuple(run.meter.headers.items()))
             async for ev in run.events():
                 d = ev.delta
                 yield cls(id=run.id, deltas=[pb.Delta(index=ev.index, text=d.text,
                                                       finish_reason=FINISH.get(d.finish_reason, ""))])
             p, c = run.prompt_tokens, run.completion_tokens
             yield cls(id=run.id, usage=pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c))
+            status = 200
+        except FmapiError as exc:
+            status = to_http(exc).status
+            raise
         finally:
-            run.close()
+            run.close(status)
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         ident = self._caller(context, "ListModels")

@@ -109,6 +109,7 @@ def _sampling(body: dict, default_max_tokens: int) -> tuple[pb.SamplingParams, b
         if (v := _num(body, key)) is not None:
             setattr(s, key, v)
     _logit_bias(body, s)
+    s.ignore_eos = _bool(body, "ignore_eos")
     stop = body.get("stop")
     if isinstance(stop, str):
         s.stop.append(stop)

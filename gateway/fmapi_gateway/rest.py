@@ -28,6 +28,7 @@ from .http_common import (
     read_json,
     unless_disconnected,
 )
+from .quota import UsageTags
 from .tasks import check_endpoint_name
 from .views import databricks_endpoint, endpoint_ready, openai_model
 
@@ -48,10 +49,11 @@ class Api:
             caller(request),
             req["endpoint"],
             req["inputs"],
+            usage_tags(request, body),
             dimensions=req["dimensions"],
             instruction=req["instruction"],
         ))
-        return JSON(openai_embeddings.render(result, req["encoding_format"]))
+        return JSON(openai_embeddings.render(result, req["encoding_format"]), headers=result.headers)
 
     async def openai_embeddings(self, request: Request) -> JSON:
         return await self.embeddings(request)
@@ -60,18 +62,20 @@ class Api:
         body = await read_json(request, self.config.max_body_bytes)
         parse = openai_generation.parse_chat if chat else openai_generation.parse_completion
         call = parse(body, endpoint)
-        return await unless_disconnected(request, self._generate(caller(request), call))
+        tags = usage_tags(request, body)
+        return await unless_disconnected(request, self._generate(caller(request), call, tags))
 
-    async def _generate(self, ident, call: openai_generation.GenerationCall):
+    async def _generate(self, ident, call: openai_generation.GenerationCall, tags: UsageTags):
         # Everything that can refuse the request happens here, before any byte is sent.
-        run = await generation.start(self.backends, ident, call)
+        run = await generation.start(self.backends, ident, call, tags)
+        limits = run.meter.headers if run.meter is not None else {}
         if call.stream:
             return StreamingResponse(
                 generation_views.stream(run),
                 media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no", **limits},
             )
-        return JSON(await generation_views.collect(run))
+        return JSON(await generation_views.collect(run), headers=limits)
 
     async def chat_completions(self, request: Request):
         return await self.generate(request, chat=True)
@@ -159,6 +163,11 @@ class Api:
         if eps:
             body["endpoints_without_replicas"] = eps
         return JSON(body, status_code=200 if ok else 503)
+
+
+def usage_tags(request: Request, body: dict) -> UsageTags:
+    """The request's id (Envoy's x-request-id) and what the body attaches to its usage record."""
+    return UsageTags.from_body(request.scope["state"]["request_id"], body)
 
 
 def caller(request: Request):

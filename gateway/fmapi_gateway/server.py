@@ -20,6 +20,7 @@ from fmapi_common.tls import ENVOY, cert_identity
 from .backends import Backends
 from .config import GatewayConfig
 from .grpc_api import InferenceServicer
+from .quota import Quota
 from .rest import build_app
 from .tokens_api import TokensApi
 
@@ -67,7 +68,8 @@ async def serve(config: GatewayConfig) -> None:
     setup_telemetry("gateway")
     tls = config.tls()
     backends = Backends(config.routing_addr, config.backend_timeout_s, tls,
-                        request_timeout=config.request_timeout_s)
+                        request_timeout=config.request_timeout_s,
+                        quota=Quota(config.quota_addr, tls))
     tokens = TokensApi(config.auth_addr, tls)
     key = config.identity_key_bytes()
 

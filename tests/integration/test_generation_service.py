@@ -381,11 +381,11 @@ async def wait_idle(stub, within: float) -> float:
 
 def long_req(n=1) -> pb.GenerateRequest:
     """Fills the context: seconds of decoding if nobody stops it. One choice is greedy (this
-    model's greedy output from "hello" never reaches EOS); n > 1 samples."""
+    model's greedy output from "hello" never reaches EOS); n > 1 samples, past any EOS."""
     if n == 1:
         return pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(temperature=0))
     return pb.GenerateRequest(
-        prompt="hello", sampling=pb.SamplingParams(n=n, temperature=0.8, seed=11)
+        prompt="hello", sampling=pb.SamplingParams(n=n, temperature=0.8, seed=11, ignore_eos=True)
     )
 
 

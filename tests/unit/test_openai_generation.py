@@ -22,6 +22,7 @@ HI = [{"role": "user", "content": "hi"}]
         ({"temperature": "hot"}, "temperature"),
         ({"stop": [1]}, "stop"),
         ({"stream": "yes"}, "stream"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"response_format": {"type": "xml"}}, "response_format"),
@@ -43,6 +44,8 @@ def test_chat_translation_keeps_what_the_caller_sent():
     assert req.sampling.seed == 2**62 and list(req.sampling.stop) == ["x"]
     assert req.sampling.top_k == 5 and call.n == 2
     assert not req.sampling.HasField("max_tokens") and not call.max_tokens_given
+    assert not req.sampling.ignore_eos
+    assert parse_chat({"model": "m", "messages": HI, "ignore_eos": True}, None).requests[0].sampling.ignore_eos
 
 
 def test_completion_prompts():

@@ -54,7 +54,25 @@ class Embedder:
             )
         return hosted
 
+    async def count_tokens(self, model: str, inputs: list[str | list[int]], opts: EmbedOptions) -> int:
+        """The tokens ``embed`` would charge for these inputs, with its refusals; nothing runs."""
+        _, tokens = await self._prepare(model, inputs, opts)
+        return sum(len(t.ids) for t in tokens)
+
     async def embed(self, model: str, inputs: list[str | list[int]], opts: EmbedOptions) -> EmbedResult:
+        hosted, tokens = await self._prepare(model, inputs, opts)
+        used = sum(len(t.ids) for t in tokens)
+        vectors = np.asarray(await hosted.batcher.submit(tokens, used), dtype=np.float32)
+        if opts.dimensions:
+            vectors = vectors[:, : opts.dimensions]
+        if opts.normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        return EmbedResult(vectors, used)
+
+    async def _prepare(self, model: str, inputs: list[str | list[int]],
+                       opts: EmbedOptions) -> tuple[HostedModel, list[Tokens]]:
+        """Validate and tokenize (on a tokenizer lane): the hosted model and the model's input."""
         hosted = self.model(model)
         enc = hosted.encoder
         if not inputs:
@@ -68,15 +86,7 @@ class Embedder:
                 f"dimensions must be between 1 and {enc.dimensions}", param="dimensions"
             )
         size = sum(len(item) for item in inputs)
-        tokens = await hosted.lanes.run(size, partial(_tokenize, inputs, opts, enc))
-        used = sum(len(t.ids) for t in tokens)
-        vectors = np.asarray(await hosted.batcher.submit(tokens, used), dtype=np.float32)
-        if opts.dimensions:
-            vectors = vectors[:, : opts.dimensions]
-        if opts.normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)
-        return EmbedResult(vectors, used)
+        return hosted, await hosted.lanes.run(size, partial(_tokenize, inputs, opts, enc))
 
 
 def _tokenize(inputs: list[str | list[int]], opts: EmbedOptions, enc: Encoder,

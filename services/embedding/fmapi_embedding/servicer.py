@@ -13,23 +13,16 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self._embedder = embedder
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
-        # Token ids stay in their proto container: copying a million ids is work for the lane.
-        inputs = [i.text if i.WhichOneof("kind") == "text" else i.tokens.ids for i in request.inputs]
-        result = await self._embedder.embed(
-            request.model,
-            inputs,
-            EmbedOptions(
-                normalize=request.normalize,
-                instruction=request.instruction,
-                truncate=request.truncate,
-                dimensions=request.dimensions,
-            ),
-        )
+        result = await self._embedder.embed(request.model, *_domain(request))
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=row) for row in result.vectors.tolist()],
             input_tokens=result.input_tokens,
             model=request.model,
         )
+
+    async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:
+        tokens = await self._embedder.count_tokens(request.request.model, *_domain(request.request))
+        return pb.CountTokensResponse(input_tokens=tokens)
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
@@ -42,3 +35,14 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                 for name, h in self._embedder.models.items()
             ]
         )
+
+
+def _domain(request: pb.EmbedRequest) -> tuple[list, EmbedOptions]:
+    # Token ids stay in their proto container: copying a million ids is work for the lane.
+    inputs = [i.text if i.WhichOneof("kind") == "text" else i.tokens.ids for i in request.inputs]
+    return inputs, EmbedOptions(
+        normalize=request.normalize,
+        instruction=request.instruction,
+        truncate=request.truncate,
+        dimensions=request.dimensions,
+    )

@@ -56,6 +56,7 @@ class Sampling:
     json_schema: str = ""
     # Token id -> bias added to its logit.
     logit_bias: dict[int, float] = field(default_factory=dict)
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -104,6 +105,7 @@ class EngineSampling:
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
     logit_bias: dict[int, float] | None = None
+    ignore_eos: bool = False
 
 
 # ---------------------------------------------------------------- what comes back

@@ -89,6 +89,7 @@ def to_sampling_params(s: EngineSampling, *, raw: bool = False):
         frequency_penalty=s.frequency_penalty,
         logprobs=s.logprobs,
         logit_bias=dict(s.logit_bias) if s.logit_bias else None,
+        ignore_eos=s.ignore_eos,
         structured_outputs=structured,
         skip_special_tokens=not raw,
         output_kind=RequestOutputKind.DELTA,

@@ -30,11 +30,12 @@ log = logging.getLogger(__name__)
 class _Buffered:
     """Output of one choice held back until it ends (tool-call choices)."""
 
-    __slots__ = ("text", "logprobs")
+    __slots__ = ("text", "logprobs", "num_tokens")
 
     def __init__(self) -> None:
         self.text = ""
         self.logprobs: list[TokenLogprob] = []
+        self.num_tokens = 0
 
 
 class GenerationService:
@@ -141,6 +142,7 @@ class GenerationService:
                     h = held.setdefault(c.index, _Buffered())
                     h.text += c.text
                     h.logprobs += c.logprobs
+                    h.num_tokens += c.num_tokens
                     if c.finish_reason is not None:
                         done.append(self._finish_tool_choice(plan, c, held.pop(c.index)))
                 if done:
@@ -150,7 +152,8 @@ class GenerationService:
             self.inflight -= 1
 
     def _finish_tool_choice(self, plan: Plan, last: ChoiceStep, h: _Buffered) -> ChoiceStep:
-        step = ChoiceStep(index=last.index, logprobs=h.logprobs, finish_reason=last.finish_reason)
+        step = ChoiceStep(index=last.index, logprobs=h.logprobs, finish_reason=last.finish_reason,
+                          num_tokens=h.num_tokens)
         if plan.tool_mode == ToolMode.AUTO:
             parser = self.engine.tool_parser()
             content, calls = toolcalls.parse_auto(parser, h.text, plan.template_tools() or [])

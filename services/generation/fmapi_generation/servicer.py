@@ -56,6 +56,7 @@ def request_from_proto(req: pb.GenerateRequest) -> GenerateInput:
         response_format=_FORMAT.get(s.response_format, ResponseFormat.TEXT),
         json_schema=s.json_schema,
         logit_bias=dict(s.logit_bias),
+        ignore_eos=s.ignore_eos,
     )
     inp = GenerateInput(
         request_id=req.request_id,
@@ -107,6 +108,7 @@ def choice_to_proto(c: ChoiceStep) -> pb.ChoiceDelta:
         if c.finish_reason
         else pb.FINISH_REASON_UNSPECIFIED,
         tool_calls_json=json.dumps(c.tool_calls) if c.tool_calls else "",
+        num_tokens=c.num_tokens,
     )
 
 

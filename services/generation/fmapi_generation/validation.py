@@ -382,6 +382,7 @@ def validate_sampling(req: GenerateInput, limits: Limits) -> EngineSampling:
         json_schema=json_schema,
         json_object=json_object,
         logit_bias=dict(s.logit_bias) or None,
+        ignore_eos=s.ignore_eos,
     )
 
 

@@ -1,0 +1,209 @@
+"""Metering: admission before any engine work, and settlement exactly once when a request ends.
+
+The gateway knows the endpoint (and so its limits) and the caller; the model server knows the
+exact token counts (``CountTokens``). With both, :meth:`Quota.admit` makes one call to the quota
+service, which checks and charges every applicable limit atomically or refuses (429 with
+``Retry-After``, 400 when the request could never fit, 503 when metering is unreachable: nothing
+runs unmetered). The :class:`Meter` it returns carries OpenAI's rate-limit headers and settles
+the request once — with what was really generated, its status and timings — however the request
+ends: normally, with an error, or because the client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from fmapi.quota.v1 import quota_pb2 as pb
+from fmapi.quota.v1 import quota_pb2_grpc
+from fmapi.routing.v1 import routing_pb2
+from fmapi_common.channels import make_channel
+from fmapi_common.errors import FmapiError, InvalidArgument, Unavailable, from_rpc_error
+from fmapi_common.identity import Identity
+from fmapi_common.ratelimit import ratelimit_headers
+from fmapi_common.tls import QUOTA, TlsFiles
+
+log = logging.getLogger(__name__)
+
+_KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_principal": pb.PRINCIPAL_KIND_SERVICE_PRINCIPAL}
+# The HTTP status recorded for a client that went away before the end (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+def _rule(key: int, limits) -> pb.LimitRule | None:
+    values = (limits.requests_per_minute, limits.input_tokens_per_minute,
+              limits.output_tokens_per_minute)
+    if not any(values):
+        return None
+    return pb.LimitRule(key=key, requests_per_minute=values[0], input_tokens_per_minute=values[1],
+                        output_tokens_per_minute=values[2])
+
+
+def rules(limits: routing_pb2.Limits, principal: str) -> list[pb.LimitRule]:
+    """The limits that apply to ``principal``: the endpoint's ceiling for everyone together, and
+    the principal's own (its named override when there is one, else the per-principal default)."""
+    own = next((p.limits for p in limits.principals if p.principal == principal), limits)
+    found = (_rule(pb.LIMIT_KEY_ENDPOINT, limits.endpoint), _rule(pb.LIMIT_KEY_PRINCIPAL, own))
+    return [r for r in found if r is not None]
+
+
+def _usage_context(value) -> dict[str, str]:
+    """Databricks' ``usage_context`` (a flat object) as strings; anything else is a 400."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise InvalidArgument("'usage_context' must be an object", param="usage_context")
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, (dict, list)):
+            raise InvalidArgument("'usage_context' values must be strings or numbers",
+                                  param="usage_context")
+        out[k] = "" if v is None else str(v)
+    return out
+
+
+@dataclass(frozen=True)
+class UsageTags:
+    """What identifies a request in its usage record: the gateway's request id (Envoy's, never
+    the client's: it is the idempotency key of admission), and what the caller attached."""
+
+    request_id: str
+    client_request_id: str = ""
+    usage_context: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, request_id: str, body: Mapping) -> UsageTags:
+        """Databricks' ``client_request_id`` and ``usage_context`` from a request body."""
+        return cls(request_id, _client_request_id(body.get("client_request_id")),
+                   _usage_context(body.get("usage_context")))
+
+
+class Meter:
+    """One admitted request: its rate-limit headers, and its settlement (exactly once)."""
+
+    def __init__(self, quota: Quota, request_id: str, endpoint: str, admitted: pb.AdmitResponse,
+                 started: float) -> None:
+        self._quota = quota
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.headers = ratelimit_headers(
+            admitted.requests if admitted.HasField("requests") else None,
+            admitted.tokens if admitted.HasField("tokens") else None,
+        )
+        self._started = started
+        self._first_token: float | None = None
+        self._settled = False
+
+    def first_token(self) -> None:
+        if self._first_token is None:
+            self._first_token = time.monotonic()
+
+    def settle(self, *, output_tokens: int, status_code: int, finish_reason: str = "",
+               input_tokens: int | None = None) -> None:
+        """Settle once (later calls do nothing), in a task of its own: a caller being cancelled
+        (a client gone away) never cancels its settlement."""
+        if self._settled:
+            return
+        self._settled = True
+        now = time.monotonic()
+        req = pb.SettleRequest(
+            request_id=self.request_id,
+            endpoint=self.endpoint,
+            output_tokens=max(0, output_tokens),
+            status_code=status_code,
+            time_to_first_token_ms=int((self._first_token - self._started) * 1000)
+            if self._first_token is not None else 0,
+            duration_ms=int((now - self._started) * 1000),
+            finish_reason=finish_reason,
+        )
+        if input_tokens is not None:
+            req.input_tokens = input_tokens
+        self._quota.spawn(self._quota.settle(req))
+
+
+class Quota:
+    def __init__(self, address: str, tls: TlsFiles | None, timeout: float = 5.0) -> None:
+        self._channel = make_channel(address, tls, QUOTA)
+        self._stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
+        self._timeout = timeout
+        self._tasks: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        if self._tasks:  # let pending settlements finish before the channel goes
+            await asyncio.wait(self._tasks, timeout=self._timeout)
+        await self._channel.close()
+
+    def spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def admit(
+        self,
+        *,
+        tags: UsageTags,
+        endpoint: routing_pb2.Endpoint,
+        model: str,
+        caller: Identity,
+        input_tokens: int,
+        output_tokens: int,
+        streaming: bool,
+        input_param: str,
+    ) -> Meter:
+        """Charge ``input_tokens`` and reserve ``output_tokens`` on every applicable limit, or
+        raise (429 / 400 naming ``input_param`` or ``max_tokens`` / 503)."""
+        started = time.monotonic()
+        req = pb.AdmitRequest(
+            request_id=tags.request_id,
+            endpoint=endpoint.name,
+            served_model=model,
+            capacity_mode=endpoint.capacity_mode,
+            caller=pb.Caller(principal=caller.principal, principal_kind=_KINDS.get(caller.principal_kind, 0),
+                             token_id=caller.token_id, workspace=caller.workspace),
+            input_tokens=input_tokens,
+            reserved_output_tokens=output_tokens,
+            streaming=streaming,
+            client_request_id=tags.client_request_id,
+            usage_context=tags.usage_context,
+            rules=rules(endpoint.limits, caller.principal),
+        )
+        if endpoint.capacity_mode == routing_pb2.CAPACITY_MODE_PROVISIONED_THROUGHPUT:
+            # Admitted against the capacity the endpoint is provisioned up to.
+            req.provisioned_throughput.tokens_per_second = endpoint.provisioned_throughput.max_tokens_per_second
+        try:
+            resp = await self._stub.Admit(req, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise _admission_error(exc, input_param) from None
+        return Meter(self, tags.request_id, endpoint.name, resp, started)
+
+    async def settle(self, req: pb.SettleRequest) -> None:
+        try:
+            await self._stub.Settle(req, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            # The reservation's lease settles it at its reserved size; say so, loudly.
+            log.error("settlement of request %s failed (%s): its lease will settle it",
+                      req.request_id, exc.code().name)
+
+
+def _client_request_id(value) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > 128:
+        raise InvalidArgument("'client_request_id' must be a string of at most 128 characters",
+                              param="client_request_id")
+    return value
+
+
+def _admission_error(exc: grpc.RpcError, input_param: str) -> FmapiError:
+    err = from_rpc_error(exc)
+    if isinstance(err, Unavailable) and err.retry_after is None:  # the service itself is down
+        return Unavailable("metering is unavailable (the quota service cannot be reached), so "
+                           "the request was not run; retry shortly", retry_after=1.0)
+    if err.param == "input":
+        err.param = input_param
+    return err
