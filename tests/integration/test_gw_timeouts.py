@@ -104,7 +104,8 @@ async def backends():
 async def app(backends):
     """A gateway app with a 0.5 s idle timeout and a 2 s default cap."""
     gen, endpoints = backends
-    config = GatewayConfig(routing_addr="127.0.0.1:1", auth_addr="127.0.0.1:1", identity_key=KEY,
+    config = GatewayConfig(routing_addr="127.0.0.1:1", auth_addr="127.0.0.1:1", quota_addr="127.0.0.1:1",
+                           identity_key=KEY,
                            insecure=True, backend_timeout_s=IDLE, request_timeout_s=2.0)
     fakes = FakeRouting(config, endpoints)
     tokens = TokensApi(config.auth_addr, None)

@@ -35,7 +35,8 @@ class Broken(Backends):
 
 @pytest.fixture
 async def client():
-    config = GatewayConfig(routing_addr="127.0.0.1:1", auth_addr="127.0.0.1:1", identity_key=KEY,
+    config = GatewayConfig(routing_addr="127.0.0.1:1", auth_addr="127.0.0.1:1", quota_addr="127.0.0.1:1",
+                           identity_key=KEY,
                            insecure=True)
     backends = Broken(config.routing_addr, config.backend_timeout_s, None)
     tokens = TokensApi(config.auth_addr, None)
