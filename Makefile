@@ -60,8 +60,12 @@ run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:808
 test: install lint ## install everything and run the whole test suite
 	$(BIN)/python -m pytest tests
 
-bench: install ## run the benchmarks (prints ratios)
-	$(BIN)/python -m bench
+BENCH_NAMES := embeddings generation auth quota
+bench: install ## run the benchmarks (prints ratios); `make bench quota` runs only that one
+	$(BIN)/python -m bench $(filter $(BENCH_NAMES),$(MAKECMDGOALS))
+ifneq ($(filter bench,$(MAKECMDGOALS)),)
+$(BENCH_NAMES): ; @:
+endif
 
 clean: ## remove generated code and runtime files (keeps .venv)
 	rm -rf $(GEN) .fmapi/run

@@ -1,10 +1,16 @@
-"""Admissions + settlements per second of one quota replica (gRPC, mutual TLS, as deployed).
+"""What metering costs.
 
-One Redis (append-only file fsynced on every write, as `fmapi dev up` runs it, and, for
-comparison, without persistence) and one quota replica; 1 then CLIENTS concurrent clients, each
-as the gateway would: Admit (endpoint and per-principal limits, input + output), then Settle.
-Prints request cycles per second (each one admission and one settlement) and both calls'
-latency. Run: ``python -m bench quota`` (or ``python -m bench.quota``).
+1. Through Envoy: the latency a small embedding request gets with admission and settlement
+   (metered, as `make run` serves it) and without (the same system with the gateway's
+   ``unmetered`` benchmark switch), in one run, alternating blocks of sequential requests.
+   Goal: <= 1 ms added at p50.
+2. Admissions + settlements per second of one quota replica (gRPC, mutual TLS, as deployed):
+   one Redis (append-only file fsynced on every write, as `fmapi dev up` runs it, and, for
+   comparison, without persistence) and one quota replica; 1 then CLIENTS concurrent clients,
+   each as the gateway would: Admit (endpoint and per-principal limits, input + output), then
+   Settle.
+
+Run: ``make bench quota`` (or ``python -m bench quota``).
 """
 
 from __future__ import annotations
@@ -99,7 +105,80 @@ def _report(title: str, rate: float, admit: list[float], settle: list[float]) ->
     ])
 
 
+N = 2000  # sequential requests per side through Envoy
+BLOCK = 100
+ENDPOINTS = """
+endpoints:
+  - name: all-minilm-l6-v2
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits:
+      requests_per_minute: 1000000000
+      input_tokens_per_minute: 1000000000000
+      endpoint: {requests_per_minute: 1000000000, input_tokens_per_minute: 1000000000000}
+"""
+
+
+def through_envoy() -> dict[str, float]:
+    import httpx
+
+    from fmapi_cli.system import System, SystemOptions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "endpoints.yaml").write_text(ENDPOINTS)
+        systems = {
+            name: System(SystemOptions(runtime_dir=tmp / name, http_port=0, metered=metered,
+                                       endpoints_file=tmp / "endpoints.yaml"))
+            for name, metered in (("metered", True), ("unmetered", False))
+        }
+        lat: dict[str, list[float]] = {name: [] for name in systems}
+        clients: dict[str, httpx.Client] = {}
+        try:
+            for s in systems.values():
+                s.start()
+            for name, s in systems.items():
+                clients[name] = httpx.Client(base_url=s.base_url, timeout=30,
+                                             headers={"authorization": f"Bearer {s.admin_token}"})
+            body = {"model": "all-minilm-l6-v2", "input": "a small sentence to embed"}
+
+            def block(name: str, n: int, out: list[float] | None) -> None:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    r = clients[name].post("/v1/embeddings", json=body)
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{name}: {r.status_code} {r.text[:200]}")
+                    if out is not None:
+                        out.append((time.perf_counter() - t0) * 1000)
+
+            for name in systems:
+                block(name, 100, None)  # warm-up
+            names = list(systems)
+            for i in range(N // BLOCK):
+                for name in names if i % 2 == 0 else names[::-1]:
+                    block(name, BLOCK, lat[name])
+        finally:
+            for c in clients.values():
+                c.close()
+            for s in systems.values():
+                s.stop()
+    m, u = lat["metered"], lat["unmetered"]
+    table(f"quota through Envoy: POST /v1/embeddings, {N} sequential requests per side "
+          f"(alternating blocks of {BLOCK})", [
+        ("metered   p50 / p99", f"{pct(m, 50):6.2f} / {pct(m, 99):6.2f} ms"),
+        ("unmetered p50 / p99", f"{pct(u, 50):6.2f} / {pct(u, 99):6.2f} ms"),
+        ("added at p50", f"{pct(m, 50) - pct(u, 50):6.2f} ms   (goal <= 1 ms)"),
+        ("added at p99", f"{pct(m, 99) - pct(u, 99):6.2f} ms"),
+        ("ratio p50 metered / unmetered", f"{pct(m, 50) / pct(u, 50):6.2f}"),
+    ])
+    return {"p50_metered": pct(m, 50), "p50_unmetered": pct(u, 50)}
+
+
 def run() -> dict[str, float]:
+    return {**through_envoy(), **replica_throughput()}
+
+
+def replica_throughput() -> dict[str, float]:
     from fmapi_cli.supervisor import Supervisor
     from fmapi_common import pki
     from fmapi_common.tls import TlsFiles

@@ -64,6 +64,8 @@ class SystemOptions:
     pki_dir: Path | None = None
     # Benchmarks only: plaintext, unauthenticated internal calls (to measure what mTLS costs).
     tls: bool = True
+    # Benchmarks only: False serves without admission or settlement (what metering costs).
+    metered: bool = True
     ready_timeout: float = 300.0
 
 
@@ -195,6 +197,7 @@ class System:
             "gateway", "fmapi_gateway", "FMAPI_GATEWAY_",
             {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr, "FMAPI_GATEWAY_AUTH_ADDR": auth_addr,
              "FMAPI_GATEWAY_QUOTA_ADDR": quota_addr,
+             "FMAPI_GATEWAY_UNMETERED": "false" if self.opts.metered else "true",
              "FMAPI_GATEWAY_IDENTITY_KEY": self.identity_key,
              # The public gRPC API offers reflection (through Envoy, with a token).
              "FMAPI_GATEWAY_REFLECTION": "true"}, extra_ports=("http",),

@@ -22,6 +22,9 @@ class GatewayConfig(ServiceConfig):
     # The quota service: every inference request is admitted and settled there (required: no
     # request runs unmetered).
     quota_addr: str
+    # Benchmarks only: serve without admission or settlement, to measure what metering costs.
+    # Never in a deployment (requests would run unmetered and unlimited).
+    unmetered: bool = False
     # HMAC key shared with auth: only identities signed with it are accepted (hex or raw).
     identity_key: IdentityKey
     http_port: int = 0

@@ -69,7 +69,7 @@ async def serve(config: GatewayConfig) -> None:
     tls = config.tls()
     backends = Backends(config.routing_addr, config.backend_timeout_s, tls,
                         request_timeout=config.request_timeout_s,
-                        quota=Quota(config.quota_addr, tls))
+                        quota=None if config.unmetered else Quota(config.quota_addr, tls))
     tokens = TokensApi(config.auth_addr, tls)
     key = config.identity_key_bytes()
 
