@@ -11,12 +11,12 @@ import numpy as np
 
 from fmapi.embedding.v1 import embedding_pb2
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import FmapiError, InvalidArgument, to_http
+from fmapi_common.errors import InvalidArgument
 from fmapi_common.identity import Identity
 
 from .backends import Backends
 from .callers import require_query
-from .quota import CLIENT_CLOSED, UsageTags
+from .quota import UsageTags, status_of
 from .tasks import check_endpoint_name, require_task
 
 
@@ -78,19 +78,12 @@ async def embed(
         tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,
         output_tokens=0, streaming=False, input_param="input",
     )
-    status = CLIENT_CLOSED
     try:
         resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
-        status = 200
-    except FmapiError as exc:
-        status = to_http(exc).status
+    except BaseException as exc:
+        meter.settle(output_tokens=0, status_code=status_of(exc))
         raise
-    except Exception:
-        status = 500
-        raise
-    finally:
-        meter.settle(output_tokens=0, status_code=status,
-                     input_tokens=resp.input_tokens if status == 200 else None)
+    meter.settle(output_tokens=0, status_code=200, input_tokens=resp.input_tokens)
     return _result(ep.name, resp, meter.headers)
 
 

@@ -24,13 +24,13 @@ import grpc
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import DeadlineExceeded, FmapiError, to_http
+from fmapi_common.errors import DeadlineExceeded
 from fmapi_common.identity import Identity
 
 from .backends import Backends, call_error, open_generation
 from .callers import require_query
 from .openai_generation import GenerationCall
-from .quota import CLIENT_CLOSED, Meter, UsageTags
+from .quota import CLIENT_CLOSED, Meter, UsageTags, status_of
 from .tasks import check_endpoint_name, require_task
 
 
@@ -169,10 +169,7 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
     run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap, meter=meter)
     try:
         await run.read_firsts()
-    except FmapiError as exc:
-        run.close(to_http(exc).status)
-        raise
-    except BaseException:
-        run.close()
+    except BaseException as exc:
+        run.close(status_of(exc))
         raise
     return run

@@ -16,7 +16,7 @@ import orjson
 from fmapi_common.errors import FmapiError, Internal, to_http
 
 from .generation import Run
-from .quota import CLIENT_CLOSED
+from .quota import CLIENT_CLOSED, status_of
 from .openai_generation import FINISH, chat_logprobs, completion_logprobs, tool_calls, usage
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ async def collect(run: Run) -> dict:
     finishes: list[str | None] = [None] * n
     lps: list[list] = [[] for _ in range(n)]
     calls: list[list | None] = [None] * n
-    status = CLIENT_CLOSED  # until every stream is read to its end
+    status = 200
     try:
         async for ev in run.events():
             d = ev.delta
@@ -108,12 +108,8 @@ async def collect(run: Run) -> dict:
             c = tool_calls(d, streaming=False)
             if c:
                 calls[ev.index] = c
-        status = 200
-    except FmapiError as exc:
-        status = to_http(exc).status
-        raise
-    except Exception:
-        status = 500
+    except BaseException as exc:
+        status = status_of(exc)
         raise
     finally:
         run.close(status)

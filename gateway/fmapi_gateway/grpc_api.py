@@ -7,7 +7,7 @@ import uuid
 
 from fmapi.inference.v1 import inference_pb2 as pb
 from fmapi.inference.v1 import inference_pb2_grpc
-from fmapi_common.errors import FmapiError, InvalidArgument, to_http
+from fmapi_common.errors import InvalidArgument
 
 from fmapi.generation.v1 import generation_pb2 as gen_pb
 
@@ -16,7 +16,7 @@ from .backends import Backends
 from .callers import verified
 from .embeddings import embed
 from .openai_generation import FINISH, GenerationCall
-from .quota import CLIENT_CLOSED, UsageTags
+from .quota import UsageTags, status_of
 from .tasks import TASK_NAMES, check_endpoint_name
 from .views import endpoint_ready
 
@@ -89,7 +89,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             max_tokens_given=s.HasField("max_tokens"),
         )
         run = await generation.start(self._backends, ident, call, self._tags(context))
-        status = CLIENT_CLOSED
+        status = 200
         try:
             if run.meter is not None:
                 await context.send_initial_metadata(tuple(run.meter.headers.items()))
@@ -99,9 +99,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                                       finish_reason=FINISH.get(d.finish_reason, ""))])
             p, c = run.prompt_tokens, run.completion_tokens
             yield cls(id=run.id, usage=pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c))
-            status = 200
-        except FmapiError as exc:
-            status = to_http(exc).status
+        except BaseException as exc:
+            status = status_of(exc)
             raise
         finally:
             run.close(status)

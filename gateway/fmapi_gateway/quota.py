@@ -23,7 +23,7 @@ from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
 from fmapi.routing.v1 import routing_pb2
 from fmapi_common.channels import make_channel
-from fmapi_common.errors import FmapiError, InvalidArgument, Unavailable, from_rpc_error
+from fmapi_common.errors import FmapiError, InvalidArgument, Unavailable, from_rpc_error, to_http
 from fmapi_common.identity import Identity
 from fmapi_common.ratelimit import ratelimit_headers
 from fmapi_common.tls import QUOTA, TlsFiles
@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 _KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_principal": pb.PRINCIPAL_KIND_SERVICE_PRINCIPAL}
 # The HTTP status recorded for a client that went away before the end (nginx's convention).
 CLIENT_CLOSED = 499
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status of a request that ended with ``exc`` (what its usage record says)."""
+    if isinstance(exc, FmapiError):
+        return to_http(exc).status
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return CLIENT_CLOSED
+    return 500
 
 
 def _rule(key: int, limits) -> pb.LimitRule | None:

@@ -14,7 +14,6 @@ every few seconds, on new connections), so a mounted secret can rotate under a r
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -22,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
+
+from .interceptors import wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -158,69 +159,12 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         return _guarded(handler, method, allowed)
 
 
-def _deny_message(method: str, who: str | None) -> str:
-    return f"{who or 'this caller'} may not call {method}"
-
-
 def _guarded(handler: grpc.RpcMethodHandler, method: str, allowed: frozenset[str]):
     async def check(context) -> None:
         who = peer_identity(context)
         if who not in allowed:
             log.warning("refused %s to %s", method, who)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, _deny_message(method, who))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{who or 'this caller'} may not call {method}")
 
-    if handler.unary_unary:
-        inner = handler.unary_unary
-
-        async def unary_unary(request, context):
-            await check(context)
-            result = inner(request, context)
-            return await result if inspect.isawaitable(result) else result
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream:
-        inner_stream = handler.unary_stream
-
-        async def unary_stream(request, context):
-            await check(context)
-            stream = inner_stream(request, context)
-            if hasattr(stream, "__aiter__"):
-                async for item in stream:
-                    yield item
-            else:
-                for item in stream:
-                    yield item
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(request_iterator, context):
-            await check(context)
-            return await inner_su(request_iterator, context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(request_iterator, context):
-        await check(context)
-        async for item in inner_ss(request_iterator, context):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return wrap_handler(handler, before=check)

@@ -8,11 +8,10 @@ import time
 
 import redis.asyncio as aioredis
 from envoy.service.auth.v3 import external_auth_pb2_grpc
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from fmapi.auth.v1 import auth_pb2_grpc
 from fmapi_common.errors import Unavailable
+from fmapi_common.redis_client import make_redis as make_client
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
 from fmapi_common.tls import ENVOY, GATEWAY
@@ -25,22 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def make_redis(config: AuthConfig, *, for_pubsub: bool = False) -> aioredis.Redis:
-    """A client that fails fast: one retry (a stale pooled connection), short timeouts, and a
-    bounded pool that a burst of concurrent Checks waits for (redis-py's default pool refuses
-    past 100 connections, which turned a burst into 503s)."""
-    t = config.redis_timeout_seconds
-    pool = aioredis.BlockingConnectionPool.from_url(
-        config.redis_url,
-        max_connections=config.redis_max_connections,
-        timeout=t,
-        decode_responses=True,
-        socket_connect_timeout=t,
-        # The subscriber blocks on reads; a dropped connection still ends its read at once.
-        socket_timeout=None if for_pubsub else t,
-        retry=Retry(NoBackoff(), 0 if for_pubsub else 1),
-        client_name="fmapi-auth",
-    )
-    return aioredis.Redis.from_pool(pool)
+    return make_client(config.redis_url, name="auth", timeout=config.redis_timeout_seconds,
+                       max_connections=config.redis_max_connections, subscriber=for_pubsub)
 
 
 def make_store(config: AuthConfig) -> TokenStore:

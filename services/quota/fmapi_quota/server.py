@@ -6,10 +6,9 @@ import asyncio
 import contextlib
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from fmapi.quota.v1 import quota_pb2_grpc
+from fmapi_common.redis_client import make_redis as make_client
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
 from fmapi_common.tls import GATEWAY
@@ -24,20 +23,8 @@ POLICY = {f"/{SERVICE_NAME}/": [GATEWAY]}
 
 
 def make_redis(config: QuotaConfig) -> aioredis.Redis:
-    """A client that fails fast: one retry (a stale pooled connection; every script is
-    idempotent), short timeouts, and a bounded pool that calls wait for rather than fail."""
-    t = config.redis_timeout_seconds
-    pool = aioredis.BlockingConnectionPool.from_url(
-        config.redis_url,
-        max_connections=config.redis_max_connections,
-        timeout=t,
-        decode_responses=True,
-        socket_connect_timeout=t,
-        socket_timeout=t,
-        retry=Retry(NoBackoff(), 1),
-        client_name="fmapi-quota",
-    )
-    return aioredis.Redis.from_pool(pool)
+    return make_client(config.redis_url, name="quota", timeout=config.redis_timeout_seconds,
+                       max_connections=config.redis_max_connections)
 
 
 async def create(config: QuotaConfig) -> GrpcService:

@@ -1,0 +1,33 @@
+"""The one way a service opens its Redis client for shared state (auth, quota)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+
+def make_redis(url: str, *, name: str, timeout: float, max_connections: int,
+               subscriber: bool = False) -> aioredis.Redis:
+    """A client that fails fast: one retry (a stale pooled connection; every call it is used for
+    is safe to repeat), short timeouts, and a bounded pool that a burst of concurrent calls waits
+    for (redis-py's default pool refuses past 100 connections, which turned bursts into 503s).
+
+    ``subscriber``: for a pub/sub connection, which blocks on reads (no read timeout, no retry:
+    a dropped connection still ends its read at once)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        decode_responses=True,
+        socket_connect_timeout=timeout,
+        socket_timeout=None if subscriber else timeout,
+        retry=Retry(NoBackoff(), 0 if subscriber else 1),
+        client_name=f"fmapi-{name}",
+    )
+    return aioredis.Redis.from_pool(pool)
