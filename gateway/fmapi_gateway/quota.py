@@ -107,6 +107,15 @@ class Meter:
         self._started = started
         self._first_token: float | None = None
         self._settled = False
+        # A request that runs longer than its lease keeps it alive (else the reaper would settle
+        # it at its reserved size mid-stream).
+        lease_s = max(1.0, admitted.lease_expire_time_ms / 1000 - time.time())
+        self._renewal = asyncio.get_running_loop().create_task(self._renew(lease_s / 3))
+
+    async def _renew(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            await self._quota.renew(self.request_id, self.endpoint)
 
     def first_token(self) -> None:
         if self._first_token is None:
@@ -119,6 +128,7 @@ class Meter:
         if self._settled:
             return
         self._settled = True
+        self._renewal.cancel()
         now = time.monotonic()
         req = pb.SettleRequest(
             request_id=self.request_id,
@@ -147,10 +157,11 @@ class Quota:
             await asyncio.wait(self._tasks, timeout=self._timeout)
         await self._channel.close()
 
-    def spawn(self, coro) -> None:
+    def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def admit(
         self,
@@ -189,6 +200,13 @@ class Quota:
         except grpc.RpcError as exc:
             raise _admission_error(exc, input_param) from None
         return Meter(self, tags.request_id, endpoint.name, resp, started)
+
+    async def renew(self, request_id: str, endpoint: str) -> None:
+        try:
+            await self._stub.RenewLease(pb.RenewLeaseRequest(request_id=request_id, endpoint=endpoint),
+                                        timeout=self._timeout)
+        except grpc.RpcError as exc:
+            log.warning("could not renew the lease of request %s (%s)", request_id, exc.code().name)
 
     async def settle(self, req: pb.SettleRequest) -> None:
         try:

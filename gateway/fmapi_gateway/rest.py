@@ -70,11 +70,8 @@ class Api:
         run = await generation.start(self.backends, ident, call, tags)
         limits = run.meter.headers if run.meter is not None else {}
         if call.stream:
-            return StreamingResponse(
-                generation_views.stream(run),
-                media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no", **limits},
-            )
+            return _RunStream(run, headers={"cache-control": "no-cache", "x-accel-buffering": "no",
+                                            **limits})
         return JSON(await generation_views.collect(run), headers=limits)
 
     async def chat_completions(self, request: Request):
@@ -163,6 +160,22 @@ class Api:
         if eps:
             body["endpoints_without_replicas"] = eps
         return JSON(body, status_code=200 if ok else 503)
+
+
+class _RunStream(StreamingResponse):
+    """The SSE response of a run. Closing the run (cancel, settle) is the stream's own last step;
+    this also closes it when the response ends before the stream ever started (a client gone
+    between the first message and the first byte): closing twice does nothing."""
+
+    def __init__(self, run: generation.Run, headers: dict[str, str]) -> None:
+        super().__init__(generation_views.stream(run), media_type="text/event-stream", headers=headers)
+        self._run = run
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._run.close()
 
 
 def usage_tags(request: Request, body: dict) -> UsageTags:
