@@ -95,6 +95,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 await context.send_initial_metadata(tuple(run.meter.headers.items()))
             async for ev in run.events():
                 d = ev.delta
+                if not d.text and not d.finish_reason:
+                    continue  # progress of a held-back tool call: nothing to show yet
                 yield cls(id=run.id, deltas=[pb.Delta(index=ev.index, text=d.text,
                                                       finish_reason=FINISH.get(d.finish_reason, ""))])
             p, c = run.prompt_tokens, run.completion_tokens

@@ -109,8 +109,8 @@ class Meter:
         self._settled = False
         # A request that runs longer than its lease keeps it alive (else the reaper would settle
         # it at its reserved size mid-stream).
-        lease_s = max(1.0, admitted.lease_expire_time_ms / 1000 - time.time())
-        self._renewal = asyncio.get_running_loop().create_task(self._renew(lease_s / 3))
+        lease_s = max(1.0, admitted.lease_remaining_ms / 1000)
+        self._renewal = quota.keep(self._renew(lease_s / 3))
 
     async def _renew(self, every: float) -> None:
         while True:
@@ -150,12 +150,22 @@ class Quota:
         self._channel = make_channel(address, tls, QUOTA)
         self._stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._timeout = timeout
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # settlements in flight
+        self._renewals: set[asyncio.Task] = set()
 
     async def close(self) -> None:
+        for task in self._renewals:
+            task.cancel()
         if self._tasks:  # let pending settlements finish before the channel goes
             await asyncio.wait(self._tasks, timeout=self._timeout)
         await self._channel.close()
+
+    def keep(self, coro) -> asyncio.Task:
+        """A lease renewal loop, cancelled at settlement or when the gateway stops."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._renewals.add(task)
+        task.add_done_callback(self._renewals.discard)
+        return task
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -197,7 +207,15 @@ class Quota:
             req.provisioned_throughput.tokens_per_second = endpoint.provisioned_throughput.max_tokens_per_second
         try:
             resp = await self._stub.Admit(req, timeout=self._timeout)
-        except grpc.RpcError as exc:
+        except (grpc.RpcError, asyncio.CancelledError) as exc:
+            # The admission may have happened with its answer lost: close it at once (a
+            # settlement of an unknown request does nothing) rather than at its lease's end.
+            status = CLIENT_CLOSED if isinstance(exc, asyncio.CancelledError) else 503
+            self.spawn(self.settle(pb.SettleRequest(request_id=tags.request_id,
+                                                    endpoint=endpoint.name, status_code=status,
+                                                    finish_reason="not_run")))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             raise _admission_error(exc, input_param) from None
         return Meter(self, tags.request_id, endpoint.name, resp, started)
 
@@ -205,16 +223,22 @@ class Quota:
         try:
             await self._stub.RenewLease(pb.RenewLeaseRequest(request_id=request_id, endpoint=endpoint),
                                         timeout=self._timeout)
-        except grpc.RpcError as exc:
-            log.warning("could not renew the lease of request %s (%s)", request_id, exc.code().name)
+        except (grpc.RpcError, grpc.aio.UsageError) as exc:
+            log.warning("could not renew the lease of request %s: %s", request_id, exc)
 
     async def settle(self, req: pb.SettleRequest) -> None:
         try:
             await self._stub.Settle(req, timeout=self._timeout)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # never admitted (a lost admission)
+                log.debug("nothing to settle for request %s", req.request_id)
+                return
             # The reservation's lease settles it at its reserved size; say so, loudly.
             log.error("settlement of request %s failed (%s): its lease will settle it",
                       req.request_id, exc.code().name)
+        except grpc.aio.UsageError as exc:  # the channel closed under it (shutdown)
+            log.error("settlement of request %s failed (%s): its lease will settle it",
+                      req.request_id, exc)
 
 
 def _client_request_id(value) -> str:

@@ -8,8 +8,10 @@ PERMISSION_DENIED; a method the policy does not name is refused too (deny by def
 verify the server they dial against the identity they expect (``server_name``), so a process
 that is not, say, routing cannot pose as routing even with a valid certificate of its own.
 
-Certificates are read from files; servers re-read them when the files change (checked at most
-every few seconds, on new connections), so a mounted secret can rotate under a running process.
+Certificates are read from files. gRPC servers re-read them when the files change (checked at
+most every few seconds, on new connections); clients' channel credentials, the gateway's HTTPS
+port and Envoy read them at start, so rotating a client certificate means restarting that
+process (a rolling restart in Kubernetes) before the old certificate expires.
 """
 
 from __future__ import annotations

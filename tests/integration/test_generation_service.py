@@ -350,6 +350,18 @@ async def test_tool_choice_required_gives_a_valid_call(stub):
         jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMS[name])
 
 
+async def test_a_held_back_tool_call_still_reports_its_tokens_as_it_goes(stub):
+    """Tool-call output is held until the call is complete, but every step's tokens still flow
+    (no text): the gateway's idle timeout sees progress, and a cut run is metered exactly."""
+    sampling = pb.SamplingParams(max_tokens=40, temperature=1.0, seed=1)
+    r = await run(stub, chat_req("what's the weather?", sampling, tools_json=json.dumps(TOOLS),
+                                 tool_choice="required"))
+    progress = [c for m in r.messages for c in m.choices if not c.finish_reason]
+    assert len(progress) >= 3 and not any(c.text for c in progress)
+    counted = sum(c.num_tokens for m in r.messages for c in m.choices)
+    assert counted == r.usage.completion_tokens
+
+
 async def test_named_tool_choice(stub):
     sampling = pb.SamplingParams(max_tokens=60, temperature=1.0, seed=7, n=2)
     r = await run(

@@ -57,6 +57,8 @@ class FakeQuota:
         self.tasks.append(task)
         return task
 
+    keep = spawn
+
     async def renew(self, request_id: str, endpoint: str) -> None:
         self.renewed.append(request_id)
 
@@ -66,7 +68,7 @@ class FakeQuota:
 
 async def test_a_long_request_renews_its_lease_until_settled_once():
     q = FakeQuota()
-    admitted = pb.AdmitResponse(lease_expire_time_ms=int((time.time() + 1.0) * 1000),
+    admitted = pb.AdmitResponse(lease_remaining_ms=1000,
                                 requests=pb.RateLimit(limit=10, remaining=9, reset_ms=6000))
     meter = Meter(q, "rid", "ep", admitted, time.monotonic())  # renews every ~0.33 s
     assert meter.headers["x-ratelimit-remaining-requests"] == "9"
@@ -76,7 +78,7 @@ async def test_a_long_request_renews_its_lease_until_settled_once():
     meter.first_token()
     meter.settle(output_tokens=5, status_code=200, finish_reason="stop")
     meter.settle(output_tokens=9, status_code=499)  # a second end changes nothing
-    await asyncio.gather(*q.tasks)
+    await asyncio.gather(*q.tasks, return_exceptions=True)
     renewed = len(q.renewed)
     await asyncio.sleep(0.5)
     assert len(q.renewed) == renewed  # no renewal after settlement

@@ -23,6 +23,15 @@ SERVICE = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_nam
 log = logging.getLogger(__name__)
 
 
+def _async(close):
+    """A synchronous close as the awaitable shutdown hook the server expects."""
+
+    async def hook() -> None:
+        close()
+
+    return hook
+
+
 async def create(config: EmbeddingConfig) -> GrpcService:
     setup_telemetry("embedding")
     if config.torch_threads:
@@ -51,7 +60,7 @@ async def create(config: EmbeddingConfig) -> GrpcService:
     svc = await start_grpc_service(config, register, policy={f"/{SERVICE}/": [GATEWAY]})
     for h in hosted.values():
         svc.on_stop.append(h.batcher.close)
-        svc.on_stop.append(h.lanes.close)
+        svc.on_stop.append(_async(h.lanes.close))
     if config.routing_addr:
         reg = ReplicaRegistration(
             config.routing_addr,

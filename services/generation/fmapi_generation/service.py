@@ -30,12 +30,11 @@ log = logging.getLogger(__name__)
 class _Buffered:
     """Output of one choice held back until it ends (tool-call choices)."""
 
-    __slots__ = ("text", "logprobs", "num_tokens")
+    __slots__ = ("text", "logprobs")
 
     def __init__(self) -> None:
         self.text = ""
         self.logprobs: list[TokenLogprob] = []
-        self.num_tokens = 0
 
 
 class GenerationService:
@@ -137,23 +136,26 @@ class GenerationService:
                 if not buffered:
                     yield Step(choices)
                     continue
-                done = []
+                # Held-back choices still report progress (their token counts, no text): the
+                # caller meters exactly and sees the request is alive.
+                out = []
                 for c in choices:
                     h = held.setdefault(c.index, _Buffered())
                     h.text += c.text
                     h.logprobs += c.logprobs
-                    h.num_tokens += c.num_tokens
                     if c.finish_reason is not None:
-                        done.append(self._finish_tool_choice(plan, c, held.pop(c.index)))
-                if done:
-                    yield Step(done)
+                        out.append(self._finish_tool_choice(plan, c, held.pop(c.index)))
+                    elif c.num_tokens:
+                        out.append(ChoiceStep(index=c.index, num_tokens=c.num_tokens))
+                if out:
+                    yield Step(out)
             yield Step([], usage=Usage(len(prompt_ids), completion_tokens))
         finally:
             self.inflight -= 1
 
     def _finish_tool_choice(self, plan: Plan, last: ChoiceStep, h: _Buffered) -> ChoiceStep:
         step = ChoiceStep(index=last.index, logprobs=h.logprobs, finish_reason=last.finish_reason,
-                          num_tokens=h.num_tokens)
+                          num_tokens=last.num_tokens)
         if plan.tool_mode == ToolMode.AUTO:
             parser = self.engine.tool_parser()
             content, calls = toolcalls.parse_auto(parser, h.text, plan.template_tools() or [])

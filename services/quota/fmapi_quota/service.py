@@ -42,6 +42,8 @@ class Admitted:
     tokens: RateLimit | None
     lease_expire_time_ms: int
     replayed: bool
+    # The lease's time left, on the store's clock (callers must not compare clocks).
+    lease_remaining_ms: int = 0
 
 
 class QuotaService:
@@ -68,6 +70,7 @@ class QuotaService:
                 tokens=most_restrictive(bs, states, TOKEN_DIMS),
                 lease_expire_time_ms=int(got.lease_ms),
                 replayed=got.replayed,
+                lease_remaining_ms=max(0, int(got.lease_ms - now)),
             )
         if status == "refused":
             retry = max(1, math.ceil(float(ans["at"]) - now)) / 1000

@@ -57,6 +57,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         return pb.AdmitResponse(
             requests=_rate_limit(got.requests), tokens=_rate_limit(got.tokens),
             lease_expire_time_ms=got.lease_expire_time_ms, replayed=got.replayed,
+            lease_remaining_ms=got.lease_remaining_ms,
         )
 
     async def Settle(self, request, context):

@@ -258,8 +258,8 @@ def _fail_closed():
     try:
         yield
     except (RedisError, OSError) as exc:
-        log.warning("redis: %s", exc)
-        raise Unavailable(f"the quota store (Redis) is unavailable: {exc}",
+        log.warning("redis: %s", exc)  # the detail (paths, script errors) stays in the log
+        raise Unavailable("the quota store (Redis) is unavailable; retry shortly",
                           retry_after=1.0) from None
 
 
