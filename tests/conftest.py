@@ -9,6 +9,7 @@ import pytest
 
 from fmapi_cli.system import GenerationSpec, System, SystemOptions
 from helpers.otlp import OtlpCollector
+from helpers.tiny_llm import TINY_ENGINE_ENV
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -68,12 +69,6 @@ endpoints:
                              chunk_tokens_per_second: 5}
 """
 
-# Settings that make a tiny model start fast and decode predictably on 2 CPU cores.
-TINY_ENGINE_ENV = {
-    "FMAPI_GENERATION_MAX_MODEL_LEN": "256",
-    "FMAPI_GENERATION_CPU_KVCACHE_SPACE_GIB": "1",
-    "FMAPI_GENERATION_ENFORCE_EAGER": "true",
-}
 
 
 @pytest.fixture(scope="session")

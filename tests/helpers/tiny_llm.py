@@ -125,3 +125,11 @@ def build_tiny_llama(path: str | os.PathLike) -> Path:
     ).save_pretrained(str(path))
     (path / "fmapi-tiny.json").write_text(json.dumps({"kind": "tiny-llama", "seed": 0}))
     return path
+
+
+# Settings that make a tiny model start fast and decode predictably on 2 CPU cores.
+TINY_ENGINE_ENV = {
+    "FMAPI_GENERATION_MAX_MODEL_LEN": "256",
+    "FMAPI_GENERATION_CPU_KVCACHE_SPACE_GIB": "1",
+    "FMAPI_GENERATION_ENFORCE_EAGER": "true",
+}
