@@ -107,15 +107,11 @@ class Meter:
         self._started = started
         self._first_token: float | None = None
         self._settled = False
-        # A request that runs longer than its lease keeps it alive (else the reaper would settle
-        # it at its reserved size mid-stream).
-        lease_s = max(1.0, admitted.lease_remaining_ms / 1000)
-        self._renewal = quota.keep(self._renew(lease_s / 3))
-
-    async def _renew(self, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            await self._quota.renew(self.request_id, self.endpoint)
+        # A request running longer than a third of its lease renews it (else the reaper would
+        # settle it at its reserved size mid-stream); the lease is timed on the store's clock.
+        self.renew_every = max(1.0, admitted.lease_remaining_ms / 3000)
+        self.renewed_at = started
+        quota.running[request_id] = self
 
     def first_token(self) -> None:
         if self._first_token is None:
@@ -128,7 +124,7 @@ class Meter:
         if self._settled:
             return
         self._settled = True
-        self._renewal.cancel()
+        self._quota.running.pop(self.request_id, None)
         now = time.monotonic()
         req = pb.SettleRequest(
             request_id=self.request_id,
@@ -151,21 +147,25 @@ class Quota:
         self._stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._timeout = timeout
         self._tasks: set[asyncio.Task] = set()  # settlements in flight
-        self._renewals: set[asyncio.Task] = set()
+        # Admitted requests not settled yet; one loop renews the leases of the long ones.
+        self.running: dict[str, Meter] = {}
+        self._renewer: asyncio.Task | None = None
 
     async def close(self) -> None:
-        for task in self._renewals:
-            task.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
         if self._tasks:  # let pending settlements finish before the channel goes
             await asyncio.wait(self._tasks, timeout=self._timeout)
         await self._channel.close()
 
-    def keep(self, coro) -> asyncio.Task:
-        """A lease renewal loop, cancelled at settlement or when the gateway stops."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._renewals.add(task)
-        task.add_done_callback(self._renewals.discard)
-        return task
+    async def _renew_leases(self, tick: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for m in list(self.running.values()):
+                if now - m.renewed_at >= m.renew_every:
+                    m.renewed_at = now
+                    self.spawn(self.renew(m.request_id, m.endpoint))
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -217,6 +217,8 @@ class Quota:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise _admission_error(exc, input_param) from None
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
         return Meter(self, tags.request_id, endpoint.name, resp, started)
 
     async def renew(self, request_id: str, endpoint: str) -> None:

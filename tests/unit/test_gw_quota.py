@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import InvalidArgument
-from fmapi_gateway.quota import Meter, UsageTags, rules
+from fmapi_common.errors import InvalidArgument, Unavailable
+from fmapi_common.identity import Identity
+from fmapi_gateway.quota import Quota, UsageTags, rules
 
 
 def limits(**kw) -> routing_pb2.Limits:
@@ -46,40 +48,63 @@ def test_usage_tags_from_a_databricks_body():
     assert tags == UsageTags("rid", "c-1", {"team": "a", "cost_center": "42"})
 
 
-class FakeQuota:
+class FakeStub:
     def __init__(self) -> None:
         self.renewed: list[str] = []
         self.settled: list[pb.SettleRequest] = []
-        self.tasks: list[asyncio.Task] = []
 
-    def spawn(self, coro):
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.append(task)
-        return task
+    async def Admit(self, req, timeout):  # noqa: N802 - gRPC method name
+        return pb.AdmitResponse(lease_remaining_ms=1500,
+                                requests=pb.RateLimit(limit=10, remaining=9, reset_ms=6000))
 
-    keep = spawn
+    async def RenewLease(self, req, timeout):  # noqa: N802
+        self.renewed.append(req.request_id)
 
-    async def renew(self, request_id: str, endpoint: str) -> None:
-        self.renewed.append(request_id)
-
-    async def settle(self, req: pb.SettleRequest) -> None:
+    async def Settle(self, req, timeout):  # noqa: N802
         self.settled.append(req)
 
 
 async def test_a_long_request_renews_its_lease_until_settled_once():
-    q = FakeQuota()
-    admitted = pb.AdmitResponse(lease_remaining_ms=1000,
-                                requests=pb.RateLimit(limit=10, remaining=9, reset_ms=6000))
-    meter = Meter(q, "rid", "ep", admitted, time.monotonic())  # renews every ~0.33 s
+    q = Quota("127.0.0.1:1", None)
+    stub = q._stub = FakeStub()
+    endpoint = routing_pb2.Endpoint(name="ep", limits=limits(requests_per_minute=10))
+    caller = Identity(principal="alice", workspace="w", token_id="t")
+    meter = await q.admit(tags=UsageTags("rid"), endpoint=endpoint, model="m", caller=caller,
+                          input_tokens=3, output_tokens=5, streaming=True, input_param="messages")
     assert meter.headers["x-ratelimit-remaining-requests"] == "9"
     assert meter.headers["x-ratelimit-reset-requests"] == "6s"
-    await asyncio.sleep(0.8)
-    assert len(q.renewed) >= 2
+    await asyncio.sleep(2.3)  # renewed every 1 s (a third of 1.5 s, at least 1 s)
+    assert stub.renewed.count("rid") >= 1
     meter.first_token()
     meter.settle(output_tokens=5, status_code=200, finish_reason="stop")
     meter.settle(output_tokens=9, status_code=499)  # a second end changes nothing
-    await asyncio.gather(*q.tasks, return_exceptions=True)
-    renewed = len(q.renewed)
-    await asyncio.sleep(0.5)
-    assert len(q.renewed) == renewed  # no renewal after settlement
-    assert [(s.output_tokens, s.status_code) for s in q.settled] == [(5, 200)]
+    renewed = len(stub.renewed)
+    await asyncio.sleep(1.3)
+    assert len(stub.renewed) == renewed  # no renewal after settlement
+    assert [(s.output_tokens, s.status_code) for s in stub.settled] == [(5, 200)]
+    await q.close()
+
+
+class Down(grpc.aio.AioRpcError):
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                         details="connection refused")
+
+
+async def test_an_unreachable_quota_service_refuses_and_closes_the_admission():
+    q = Quota("127.0.0.1:1", None)
+    stub = q._stub = FakeStub()
+
+    async def admit(req, timeout):
+        raise Down()
+
+    stub.Admit = admit
+    endpoint = routing_pb2.Endpoint(name="ep")
+    caller = Identity(principal="alice", workspace="w", token_id="t")
+    with pytest.raises(Unavailable) as err:
+        await q.admit(tags=UsageTags("rid"), endpoint=endpoint, model="m", caller=caller,
+                      input_tokens=3, output_tokens=0, streaming=False, input_param="input")
+    assert "metering is unavailable" in err.value.message and err.value.retry_after == 1.0
+    await q.close()  # waits for the settlement in flight
+    # Its answer may have been lost after the admission ran: it is closed at once.
+    assert [(s.request_id, s.status_code) for s in stub.settled] == [("rid", 503)]
