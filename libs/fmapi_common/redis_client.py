@@ -1,4 +1,4 @@
-"""The one way a service opens its Redis client for shared state (auth, quota)."""
+"""The one way a service opens its Redis client for shared state (auth, routing, quota)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
 
 def make_redis(url: str, *, name: str, timeout: float, max_connections: int,
-               subscriber: bool = False) -> aioredis.Redis:
+               subscriber: bool = False, decode_responses: bool = True) -> aioredis.Redis:
     """A client that fails fast: one retry (a stale pooled connection; every call it is used for
     is safe to repeat), short timeouts, and a bounded pool that a burst of concurrent calls waits
     for (redis-py's default pool refuses past 100 connections, which turned bursts into 503s).
@@ -24,7 +24,7 @@ def make_redis(url: str, *, name: str, timeout: float, max_connections: int,
         url,
         max_connections=max_connections,
         timeout=timeout,
-        decode_responses=True,
+        decode_responses=decode_responses,
         socket_connect_timeout=timeout,
         socket_timeout=None if subscriber else timeout,
         retry=Retry(NoBackoff(), 0 if subscriber else 1),

@@ -52,7 +52,9 @@ class FrozenGeneration(generation_pb2_grpc.GenerationServiceServicer):
             while True:
                 await asyncio.sleep(0.1)
                 yield gen_pb.GenerateResponse(choices=[gen_pb.ChoiceDelta(index=0, text="tok ")])
-        except asyncio.CancelledError:
+        except BaseException:
+            # Cancelled, or closed at its next write once the call is gone (deadline): either
+            # way the call ended before its stream did, which is what aborts an engine request.
             self.cancelled.append(time.monotonic())
             raise
 

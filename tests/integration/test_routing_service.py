@@ -28,6 +28,13 @@ endpoints:
 """
 
 
+_REDIS: list[RedisServer] = []  # the module's Redis (the last test freezes it)
+
+
+def routing_fixture_redis() -> RedisServer:
+    return _REDIS[-1]
+
+
 @pytest.fixture(scope="module")
 def routing(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("routing")
@@ -45,6 +52,7 @@ def routing(tmp_path_factory):
         },
     )
     port = sup.wait_for_file(child, tmp / "port", 30)
+    _REDIS.append(redis)
     yield f"127.0.0.1:{port}"
     sup.stop()
     redis.stop()
@@ -236,3 +244,25 @@ def test_missing_config_stops_start_up_with_a_clear_message(tmp_path):
                          timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode != 0
     assert "FMAPI_ROUTING_ENDPOINTS_FILE" in out.stderr and "FMAPI_ROUTING_REDIS_URL" in out.stderr
+
+
+async def test_zz_redis_unreachable_is_a_prompt_unavailable(routing, stub):
+    """Frozen Redis: the gateway hears UNAVAILABLE with a retry delay within a second or two,
+    never INTERNAL and never a hang."""
+    import os
+    import signal
+
+    from fmapi_common.errors import Unavailable, from_rpc_error
+
+    proc = routing_fixture_redis().proc
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ResolveEndpoint(pb.ResolveEndpointRequest(name="chat"), timeout=10)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    e = from_rpc_error(err.value)
+    assert isinstance(e, Unavailable) and e.retry_after == 1.0 and "Redis" in e.message
+    assert took < 3, took

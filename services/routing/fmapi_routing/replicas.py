@@ -11,6 +11,7 @@ TTL, reported load, address and model names are validated (:func:`check_registra
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -18,8 +19,9 @@ import uuid
 from dataclasses import dataclass, field
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
-from fmapi_common.errors import InvalidArgument, PermissionDenied
+from fmapi_common.errors import InvalidArgument, PermissionDenied, Unavailable
 
 _PREFIX = "fmapi:"
 
@@ -81,6 +83,20 @@ def check_inflight(inflight: int) -> None:
         raise InvalidArgument(f"'inflight' must be between 0 and {MAX_INFLIGHT}", param="inflight")
 
 
+def _fail_fast(method):
+    """Redis unreachable: UNAVAILABLE (a prompt 503 with Retry-After), never a hang or a 500."""
+
+    @functools.wraps(method)
+    async def call(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError):
+            raise Unavailable("the replica registry (Redis) is unavailable; retry shortly",
+                              retry_after=1.0) from None
+
+    return call
+
+
 class ReplicaStore:
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
@@ -94,6 +110,7 @@ class ReplicaStore:
     def _model_key(model: str) -> str:
         return f"{_PREFIX}model:{model}"
 
+    @_fail_fast
     async def register(self, info: ReplicaInfo, ttl: float, owner: str) -> str:
         """Store a new replica owned by ``owner`` (validate it with :func:`check_registration`)."""
         info.id = uuid.uuid4().hex
@@ -128,6 +145,7 @@ class ReplicaStore:
             raise PermissionDenied(f"replica {replica_id} belongs to another service", param="id")
         return json.loads(data[0]), float(data[1])
 
+    @_fail_fast
     async def heartbeat(self, replica_id: str, inflight: int, owner: str) -> bool:
         check_inflight(inflight)
         key = self._key(replica_id)
@@ -144,6 +162,7 @@ class ReplicaStore:
             await p.execute()
         return True
 
+    @_fail_fast
     async def deregister(self, replica_id: str, owner: str) -> None:
         key = self._key(replica_id)
         owned = await self._owned(replica_id, owner)
@@ -155,6 +174,7 @@ class ReplicaStore:
                 p.zrem(self._model_key(m), replica_id)
             await p.execute()
 
+    @_fail_fast
     async def live_for_model(self, model: str) -> list[ReplicaInfo]:
         flat = await self._live(keys=[self._model_key(model)], args=[time.time(), f"{_PREFIX}replica:"])
         out = []
@@ -165,6 +185,7 @@ class ReplicaStore:
             out.append(ReplicaInfo(rid, addr, models=[model], inflight=int(inflight), dedicated_endpoint=dedicated))
         return out
 
+    @_fail_fast
     async def all_live(self) -> list[ReplicaInfo]:
         out = []
         async for key in self._r.scan_iter(match=f"{_PREFIX}replica:*", count=500):

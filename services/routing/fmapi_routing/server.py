@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import redis.asyncio as redis
-
 from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
+from fmapi_common.redis_client import make_redis
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
 from fmapi_common.tls import GATEWAY, MODEL_SERVERS
@@ -30,7 +29,8 @@ async def create(config: RoutingConfig) -> GrpcService:
         registry = load_registry(config.endpoints_file)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"routing: {exc}") from None
-    client = redis.Redis.from_url(config.redis_url)
+    client = make_redis(config.redis_url, name="routing", timeout=config.redis_timeout_seconds,
+                        max_connections=config.redis_max_connections, decode_responses=False)
     store = ReplicaStore(client)
     router = Router(registry, store.live_for_model)
 
