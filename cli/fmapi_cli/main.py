@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import dev, tokens
+from . import dev, endpoints, tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     dev.add_parser(sub)
     tokens.add_parser(sub)
+    endpoints.add_parser(sub)
     try:
         from . import models
     except ImportError:  # the generation extra is not installed

@@ -1,4 +1,5 @@
-"""Clients for the internal services the gateway calls (routing, embedding, generation)."""
+"""Clients for the internal services the gateway calls (routing, embedding, generation), and
+the gateway's copy of the registry that requests resolve against."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from fmapi_common.errors import DeadlineExceeded, FmapiError, from_rpc_error
 from fmapi_common.tls import EMBEDDING, GENERATION, ROUTING, TlsFiles
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fmapi_common.router import Resolution
+
 from .config import DEFAULT_REQUEST_TIMEOUT_S
 from .quota import Quota
+from .registry import LocalRegistry
 
 
 class Backends:
@@ -26,45 +30,44 @@ class Backends:
         self.quota = quota
         self._routing_channel = make_channel(routing_addr, tls, ROUTING)
         self.routing = routing_pb2_grpc.RoutingServiceStub(self._routing_channel)
+        self.registry = LocalRegistry(self.routing)
         self.pool = ChannelPool(tls)
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
 
+    async def start(self) -> None:
+        await self.registry.start()
+
     async def close(self) -> None:
+        await self.registry.close()
         if self.quota is not None:
             await self.quota.close()
         await self._routing_channel.close()
         await self.pool.close()
 
-    async def resolve(self, name: str) -> routing_pb2.ResolveEndpointResponse:
-        try:
-            return await self.routing.ResolveEndpoint(
-                routing_pb2.ResolveEndpointRequest(name=name), timeout=5
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+    # Reads of the registry: the local copy, no call.
+
+    async def resolve(self, name: str) -> Resolution:
+        return self.registry.router.resolve(name)
 
     async def get_endpoint(self, name: str) -> routing_pb2.Endpoint:
-        try:
-            resp = await self.routing.GetEndpoint(routing_pb2.GetEndpointRequest(name=name), timeout=5)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return resp.endpoint
+        return self.registry.router.endpoint(name)
 
     async def list_endpoints(self) -> list[routing_pb2.Endpoint]:
-        try:
-            resp = await self.routing.ListEndpoints(routing_pb2.ListEndpointsRequest(), timeout=5)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return list(resp.endpoints)
+        view = self.registry.view
+        view.require_loaded()
+        return list(view.endpoints.values())
 
     async def live_models(self) -> set[str]:
         """Models with at least one live replica."""
+        return self.registry.view.live_models()
+
+    async def admin(self, method: str, request):
+        """A change of the registry (routing applies it; the local copy follows)."""
         try:
-            resp = await self.routing.ListReplicas(routing_pb2.ListReplicasRequest(), timeout=5)
+            return await getattr(self.routing, method)(request, timeout=10)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return {m for r in resp.replicas for m in r.models}
 
     def request_cap(self, endpoint: routing_pb2.Endpoint) -> float:
         """Seconds one request to ``endpoint`` may take in all."""
@@ -106,10 +109,9 @@ class Backends:
         """Health of routing and of every live replica, as reported by their health services."""
         out: dict[str, str] = {}
         out["routing"] = await _check(self._routing_channel)
-        if out["routing"] != "SERVING":
-            return out
-        resp = await self.routing.ListReplicas(routing_pb2.ListReplicasRequest(), timeout=5)
-        for r in resp.replicas:
+        out["registry"] = self.registry.status()
+        replicas = {r.id: r for rs in self.registry.view.replicas.values() for r in rs}
+        for r in replicas.values():
             kind = routing_pb2.ReplicaKind.Name(r.kind).removeprefix("REPLICA_KIND_").lower()
             out[f"{kind}@{r.address}"] = await _check(self.pool.get(r.address, kind))
         return out

@@ -7,9 +7,9 @@ import uuid
 
 from fmapi.inference.v1 import inference_pb2 as pb
 from fmapi.inference.v1 import inference_pb2_grpc
-from fmapi_common.errors import InvalidArgument
-
 from fmapi.generation.v1 import generation_pb2 as gen_pb
+from fmapi_common.errors import InvalidArgument
+from fmapi_common.router import endpoint_ready
 
 from . import generation
 from .backends import Backends
@@ -18,7 +18,6 @@ from .embeddings import embed
 from .openai_generation import FINISH, GenerationCall
 from .quota import UsageTags, status_of
 from .tasks import TASK_NAMES, check_endpoint_name
-from .views import endpoint_ready
 
 
 _SERVICE_PATH = "/" + pb.DESCRIPTOR.services_by_name["InferenceService"].full_name + "/"

@@ -46,11 +46,11 @@ def status_of(exc: BaseException) -> int:
 
 def _rule(key: int, limits) -> pb.LimitRule | None:
     values = (limits.requests_per_minute, limits.input_tokens_per_minute,
-              limits.output_tokens_per_minute)
+              limits.output_tokens_per_minute, limits.tokens_per_minute)
     if not any(values):
         return None
     return pb.LimitRule(key=key, requests_per_minute=values[0], input_tokens_per_minute=values[1],
-                        output_tokens_per_minute=values[2])
+                        output_tokens_per_minute=values[2], tokens_per_minute=values[3])
 
 
 def rules(limits: routing_pb2.Limits, principal: str) -> list[pb.LimitRule]:

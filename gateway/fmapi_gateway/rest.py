@@ -10,10 +10,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
+from google.protobuf import field_mask_pb2
+from pydantic import ValidationError
 
-from . import generation, generation_views, openai_embeddings, openai_generation
+from fmapi.routing.v1 import routing_pb2
+from fmapi_common import endpoints
+from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
+from fmapi_common.router import endpoint_ready
+
+from . import generation, generation_views, openai_embeddings, openai_generation, serving_endpoints
 from .backends import Backends
 from .callers import IdentityMiddleware, require_admin, require_query
 from .config import GatewayConfig
@@ -29,8 +34,9 @@ from .http_common import (
     unless_disconnected,
 )
 from .quota import UsageTags
-from .tasks import check_endpoint_name
-from .views import databricks_endpoint, endpoint_ready, openai_model
+from .tasks import TASK_NAMES, check_endpoint_name
+from .openapi import endpoint_openapi
+from .views import openai_model
 
 
 class Api:
@@ -104,15 +110,102 @@ class Api:
 
     async def list_serving_endpoints(self, request: Request) -> JSON:
         eps, live = await asyncio.gather(self._visible(request), self.backends.live_models())
-        return JSON({"endpoints": [databricks_endpoint(e, endpoint_ready(e, live)) for e in eps]})
+        return JSON({"endpoints": [serving_endpoints.render(e, endpoint_ready(e, live))
+                                   for e in eps]})
 
-    async def get_serving_endpoint(self, request: Request) -> JSON:
+    async def _readable(self, request: Request) -> routing_pb2.Endpoint:
         name = path_endpoint(request, "name")
         ident = caller(request)
         if not ident.admin:
             require_query(ident, name)
-        ep, live = await asyncio.gather(self._endpoint(name, "name"), self.backends.live_models())
-        return JSON(databricks_endpoint(ep, endpoint_ready(ep, live)))
+        return await self._endpoint(name, "name")
+
+    async def get_serving_endpoint(self, request: Request) -> JSON:
+        ep = await self._readable(request)
+        return JSON(self._render(ep))
+
+    async def get_openapi(self, request: Request) -> JSON:
+        ep = await self._readable(request)
+        return JSON(endpoint_openapi(ep.name, TASK_NAMES.get(ep.task, ""), ep.description))
+
+    def _render(self, ep: routing_pb2.Endpoint) -> dict:
+        return serving_endpoints.render(ep, endpoint_ready(ep, self.backends.registry.view.live_models()))
+
+    # ---------------------------------------------------------------- endpoints (admin)
+
+    async def _admin_body(self, request: Request) -> dict:
+        require_admin(caller(request))
+        body = await read_json(request, self.config.max_body_bytes)
+        if not isinstance(body, dict):
+            raise InvalidArgument("the request body must be a JSON object")
+        return body
+
+    async def _changed(self, version: int) -> None:
+        """Answer once this gateway's copy of the registry holds the change (so a read that
+        follows a write through the same gateway sees it)."""
+        await self.backends.registry.wait_for_version(version, timeout=2.0)
+
+    async def create_serving_endpoint(self, request: Request) -> JSON:
+        body = await self._admin_body(request)
+        ep = serving_endpoints.create_request(body)
+        check_endpoint_name(ep.name, "name")
+        resp = await self.backends.admin(
+            "CreateEndpoint", routing_pb2.CreateEndpointRequest(endpoint=ep))
+        await self._changed(resp.version)
+        return JSON(self._render(resp.endpoint))
+
+    async def _update(self, name: str, ep: routing_pb2.Endpoint, paths: list[str]):
+        ep.name = name
+        resp = await self.backends.admin("UpdateEndpoint", routing_pb2.UpdateEndpointRequest(
+            endpoint=ep, update_mask=field_mask_pb2.FieldMask(paths=paths)))
+        await self._changed(resp.version)
+        return resp.endpoint
+
+    async def update_config(self, request: Request) -> JSON:
+        body = await self._admin_body(request)
+        name = path_endpoint(request, "name")
+        ep, paths = serving_endpoints.served_config(body, param="config")
+        return JSON(self._render(await self._update(name, ep, paths)))
+
+    async def put_ai_gateway(self, request: Request) -> JSON:
+        body = await self._admin_body(request)
+        name = path_endpoint(request, "name")
+        ep, paths = serving_endpoints.ai_gateway(body, param="ai_gateway")
+        if not paths:
+            raise InvalidArgument("the body sets nothing: give rate_limits, "
+                                  "usage_tracking_config, inference_table_config or fallback_config")
+        return JSON(serving_endpoints.render_ai_gateway(await self._update(name, ep, paths)))
+
+    async def delete_serving_endpoint(self, request: Request) -> JSON:
+        require_admin(caller(request))
+        name = path_endpoint(request, "name")
+        resp = await self.backends.admin("DeleteEndpoint", routing_pb2.DeleteEndpointRequest(name=name))
+        await self._changed(resp.version)
+        return JSON({})
+
+    async def apply_endpoints(self, request: Request) -> JSON:
+        """fmapi's declarative apply (``fmapi endpoints apply -f FILE``): the YAML's endpoints."""
+        body = await self._admin_body(request)
+        declared = body.get("endpoints")
+        if not isinstance(declared, list):
+            raise InvalidArgument("'endpoints' must be an array of endpoints", param="endpoints")
+        prune = body.get("prune", False)
+        if not isinstance(prune, bool):
+            raise InvalidArgument("'prune' must be true or false", param="prune")
+        eps = []
+        for i, d in enumerate(declared):
+            try:
+                eps.append(endpoints.to_pb(endpoints.Endpoint.model_validate(d)))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = ".".join(str(p) for p in (f"endpoints[{i}]", *err["loc"]))
+                raise InvalidArgument(f"{loc}: {err['msg']}", param=loc) from None
+        resp = await self.backends.admin(
+            "ApplyEndpoints", routing_pb2.ApplyEndpointsRequest(endpoints=eps, prune=prune))
+        await self._changed(resp.version)
+        return JSON({"created": list(resp.created), "updated": list(resp.updated),
+                     "unchanged": list(resp.unchanged), "deleted": list(resp.deleted),
+                     "version": resp.version})
 
     async def _visible(self, request: Request) -> list[routing_pb2.Endpoint]:
         """Endpoints the caller's token may query (admins see every endpoint)."""
@@ -145,18 +238,14 @@ class Api:
     # ---------------------------------------------------------------- health
 
     async def healthz(self, request: Request) -> JSON:
-        try:
-            services = await self.backends.health()
-        except FmapiError as exc:
-            services = {"routing": f"UNREACHABLE ({exc.message})"}
+        services = await self.backends.health()
         services["gateway"] = "SERVING"
-        eps = []
-        if services.get("routing") == "SERVING":
-            live = await self.backends.live_models()
-            eps = [e.name for e in await self.backends.list_endpoints()
-                   if not e.retired and not endpoint_ready(e, live)]
-        ok = all(v == "SERVING" for v in services.values()) and not eps
-        body = {"status": "ok" if ok else "unavailable", "services": services}
+        registry = services.pop("registry")
+        view = self.backends.registry.view
+        live = view.live_models()
+        eps = [e.name for e in view.endpoints.values() if not e.retired and not endpoint_ready(e, live)]
+        ok = view.loaded and all(v == "SERVING" for v in services.values()) and not eps
+        body = {"status": "ok" if ok else "unavailable", "services": services, "registry": registry}
         if eps:
             body["endpoints_without_replicas"] = eps
         return JSON(body, status_code=200 if ok else 503)
@@ -209,7 +298,13 @@ def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi) -> R
         Route("/serving-endpoints/completions", api.completions, methods=["POST"]),
         Route("/serving-endpoints/{name}/invocations", api.invocations, methods=["POST"]),
         Route("/api/2.0/serving-endpoints", api.list_serving_endpoints, methods=["GET"]),
+        Route("/api/2.0/serving-endpoints", api.create_serving_endpoint, methods=["POST"]),
         Route("/api/2.0/serving-endpoints/{name}", api.get_serving_endpoint, methods=["GET"]),
+        Route("/api/2.0/serving-endpoints/{name}", api.delete_serving_endpoint, methods=["DELETE"]),
+        Route("/api/2.0/serving-endpoints/{name}/config", api.update_config, methods=["PUT"]),
+        Route("/api/2.0/serving-endpoints/{name}/ai-gateway", api.put_ai_gateway, methods=["PUT"]),
+        Route("/api/2.0/serving-endpoints/{name}/openapi", api.get_openapi, methods=["GET"]),
+        Route("/api/2.0/fmapi/endpoints/apply", api.apply_endpoints, methods=["POST"]),
         Route("/api/2.0/token/create", api.token_create, methods=["POST"]),
         Route("/api/2.0/token/list", api.token_list, methods=["GET"]),
         Route("/api/2.0/token/delete", api.token_delete, methods=["POST"]),

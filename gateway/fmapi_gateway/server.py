@@ -70,6 +70,7 @@ async def serve(config: GatewayConfig) -> None:
     backends = Backends(config.routing_addr, config.backend_timeout_s, tls,
                         request_timeout=config.request_timeout_s,
                         quota=None if config.unmetered else Quota(config.quota_addr, tls))
+    await backends.start()
     tokens = TokensApi(config.auth_addr, tls)
     key = config.identity_key_bytes()
 

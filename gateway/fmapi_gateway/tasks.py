@@ -4,14 +4,10 @@ endpoint serves the call's task (with task names as clients know them)."""
 from __future__ import annotations
 
 from fmapi.routing.v1 import routing_pb2
+from fmapi_common.endpoints import TASK_NAMES
 from fmapi_common.errors import InvalidArgument
 
-TASK_NAMES = {
-    routing_pb2.TASK_CHAT: "llm/v1/chat",
-    routing_pb2.TASK_COMPLETIONS: "llm/v1/completions",
-    routing_pb2.TASK_EMBEDDINGS: "llm/v1/embeddings",
-}
-# Longest endpoint name: routing's endpoint YAML allows ``^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$``.
+# Longest endpoint name: fmapi_common.endpoints allows ``^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$``.
 MAX_ENDPOINT_NAME = 63
 _API = {
     routing_pb2.TASK_CHAT: "/chat/completions",

@@ -69,6 +69,18 @@ class PermissionDenied(FmapiError):
     reason = "permission_denied"
 
 
+class AlreadyExists(FmapiError):
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "already_exists"
+
+
+class Conflict(FmapiError):
+    """The thing changed under the caller, or another change of it is still in progress."""
+
+    grpc_code = grpc.StatusCode.ABORTED
+    reason = "conflict"
+
+
 class ResourceExhausted(FmapiError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "rate_limit_exceeded"
@@ -110,6 +122,8 @@ _BY_GRPC_CODE: dict[grpc.StatusCode, type[FmapiError]] = {
         NotFound,
         Unauthenticated,
         PermissionDenied,
+        AlreadyExists,
+        Conflict,
         ResourceExhausted,
         FailedPrecondition,
         Unavailable,
@@ -204,6 +218,8 @@ _HTTP: dict[type[FmapiError], tuple[int, str, str]] = {
     NotFound: (404, "invalid_request_error", "RESOURCE_DOES_NOT_EXIST"),
     Unauthenticated: (401, "authentication_error", "UNAUTHENTICATED"),
     PermissionDenied: (403, "permission_error", "PERMISSION_DENIED"),
+    AlreadyExists: (409, "invalid_request_error", "RESOURCE_ALREADY_EXISTS"),
+    Conflict: (409, "invalid_request_error", "RESOURCE_CONFLICT"),
     ResourceExhausted: (429, "rate_limit_error", "REQUEST_LIMIT_EXCEEDED"),
     FailedPrecondition: (400, "invalid_request_error", "INVALID_STATE"),
     PayloadTooLarge: (413, "invalid_request_error", "INVALID_PARAMETER_VALUE"),
@@ -244,6 +260,8 @@ __all__ = [
     "NotFound",
     "Unauthenticated",
     "PermissionDenied",
+    "AlreadyExists",
+    "Conflict",
     "ResourceExhausted",
     "FailedPrecondition",
     "Unavailable",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 
@@ -35,27 +36,54 @@ def routing_fixture_redis() -> RedisServer:
     return _REDIS[-1]
 
 
-@pytest.fixture(scope="module")
-def routing(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("routing")
-    redis = RedisServer(tmp).start()
+def start_routing(sup: Supervisor, tmp, redis: RedisServer, name: str = "routing",
+                  **env: str) -> str:
     (tmp / "endpoints.yaml").write_text(ENDPOINTS)
-    sup = Supervisor(tmp / "logs")
     child = sup.start(
-        "routing",
+        name,
         [sys.executable, "-m", "fmapi_routing"],
         {
             "FMAPI_ROUTING_ENDPOINTS_FILE": str(tmp / "endpoints.yaml"),
             "FMAPI_ROUTING_REDIS_URL": redis.url,
-            "FMAPI_ROUTING_PORT_FILE": str(tmp / "port"),
+            "FMAPI_ROUTING_PORT_FILE": str(tmp / f"{name}.port"),
             **tls.env("FMAPI_ROUTING_", "routing"),
+            **env,
         },
     )
-    port = sup.wait_for_file(child, tmp / "port", 30)
+    return f"127.0.0.1:{sup.wait_for_file(child, tmp / f'{name}.port', 30)}"
+
+
+@pytest.fixture(scope="module")
+def routing_env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("routing")
+    redis = RedisServer(tmp).start()
+    sup = Supervisor(tmp / "logs")
+    addr = start_routing(sup, tmp, redis, FMAPI_ROUTING_PENDING_TIMEOUT_SECONDS="3")
     _REDIS.append(redis)
-    yield f"127.0.0.1:{port}"
+    yield addr, sup, tmp, redis
     sup.stop()
     redis.stop()
+
+
+@pytest.fixture(scope="module")
+def routing(routing_env):
+    return routing_env[0]
+
+
+async def eventually(check, timeout: float = 1.0):
+    """``check()`` (a coroutine function) returns truthy within ``timeout`` seconds; its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = await check()
+            if value:
+                return value
+        except grpc.aio.AioRpcError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -79,14 +107,21 @@ def _replica(address: str, kind=pb.REPLICA_KIND_GENERATION, **kw) -> pb.Replica:
 async def test_registered_replica_serves_until_it_deregisters(stub, model_server):
     reg = await model_server.RegisterReplica(
         pb.RegisterReplicaRequest(replica=_replica("10.0.0.1:1"), ttl_seconds=30))
-    res = await stub.ResolveEndpoint(pb.ResolveEndpointRequest(name="chat"))
+    # Resolution reads routing's view of the registry, rebuilt on the change within a second.
+    res = await eventually(lambda: stub.ResolveEndpoint(pb.ResolveEndpointRequest(name="chat")))
     assert res.replica.address == "10.0.0.1:1" and res.model == "m1"
     listed = await stub.ListReplicas(pb.ListReplicasRequest(model="m1"))
     assert [r.id for r in listed.replicas] == [reg.id]
     await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=reg.id))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ResolveEndpoint(pb.ResolveEndpointRequest(name="chat"))
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    async def gone():
+        try:
+            await stub.ResolveEndpoint(pb.ResolveEndpointRequest(name="chat"))
+        except grpc.aio.AioRpcError as err:
+            return err.code() == grpc.StatusCode.UNAVAILABLE
+        return False
+
+    assert await eventually(gone)
 
 
 async def test_a_replica_that_stops_heartbeating_drops_out(stub, model_server):
@@ -122,12 +157,11 @@ async def test_health_without_reflection(routing):
             health_pb2.HealthCheckRequest(service="fmapi.routing.v1.RoutingService"))
         assert h.status == health_pb2.HealthCheckResponse.SERVING
         # Reflection is off unless configured: nothing lists the internal methods.
-        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in call:
-                pass
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo()
+        # The server may refuse before the request is even sent: read the call's own status.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert await call.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 # ---------------------------------------------------------------- attacks (issue: zero trust)
@@ -243,7 +277,7 @@ def test_missing_config_stops_start_up_with_a_clear_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fmapi_routing"], capture_output=True, text=True,
                          timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode != 0
-    assert "FMAPI_ROUTING_ENDPOINTS_FILE" in out.stderr and "FMAPI_ROUTING_REDIS_URL" in out.stderr
+    assert "FMAPI_ROUTING_REDIS_URL" in out.stderr and "--redis-url" in out.stderr
 
 
 async def test_zz_redis_unreachable_is_a_prompt_unavailable(routing, stub):
@@ -259,10 +293,194 @@ async def test_zz_redis_unreachable_is_a_prompt_unavailable(routing, stub):
     try:
         t0 = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.ResolveEndpoint(pb.ResolveEndpointRequest(name="chat"), timeout=10)
+            await stub.CreateEndpoint(pb.CreateEndpointRequest(endpoint=pb.Endpoint(
+                name="frozen", served_entities=[pb.ServedEntity(model="m1", traffic_percentage=100)])),
+                timeout=10)
         took = time.monotonic() - t0
+        # Reads come from the view: resolving still answers (no replica: UNAVAILABLE, not Redis').
+        with pytest.raises(grpc.aio.AioRpcError) as read:
+            await stub.ResolveEndpoint(pb.ResolveEndpointRequest(name="chat"), timeout=10)
+        assert "no live replica" in read.value.details()
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     e = from_rpc_error(err.value)
     assert isinstance(e, Unavailable) and e.retry_after == 1.0 and "Redis" in e.message
     assert took < 3, took
+
+
+# ---------------------------------------------------------------- the registry (control plane)
+
+
+def _ep(name: str, *models: str, **kw) -> pb.Endpoint:
+    share = 100 // len(models)
+    entities = [pb.ServedEntity(model=m, traffic_percentage=share + (100 - share * len(models) if i == 0 else 0))
+                for i, m in enumerate(models)]
+    return pb.Endpoint(name=name, served_entities=entities, **kw)
+
+
+async def _next_snapshot(call, want, timeout: float = 1.0):
+    """Read the watch stream until ``want(snapshot)``; fail after ``timeout`` seconds."""
+    async def read():
+        while True:
+            snap = await call.read()
+            assert snap is not grpc.aio.EOF, "the watch stream ended"
+            if want(snap):
+                return snap
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def test_watch_streams_the_registry_and_every_change_within_a_second(stub, model_server):
+    call = stub.WatchRegistry(pb.WatchRegistryRequest())
+    try:
+        first = await _next_snapshot(call, lambda s: True)
+        assert {"chat", "old"} <= {e.name for e in first.endpoints} and first.version >= 1
+        reg = await model_server.RegisterReplica(
+            pb.RegisterReplicaRequest(replica=_replica("10.0.1.1:1"), ttl_seconds=30))
+        t0 = time.monotonic()
+        snap = await _next_snapshot(call, lambda s: any(r.id == reg.id for r in s.replicas))
+        assert time.monotonic() - t0 < 1.0
+        (mine,) = [r for r in snap.replicas if r.id == reg.id]
+        assert mine.address == "10.0.1.1:1" and 0 < mine.expires_in_ms <= 30_000
+        await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=reg.id))
+        await _next_snapshot(call, lambda s: all(r.id != reg.id for r in s.replicas))
+    finally:
+        call.cancel()
+
+
+async def test_endpoints_are_created_updated_and_deleted_at_run_time(stub, model_server):
+    reg = await model_server.RegisterReplica(
+        pb.RegisterReplicaRequest(replica=_replica("10.0.1.2:1"), ttl_seconds=30))
+    call = stub.WatchRegistry(pb.WatchRegistryRequest())
+    try:
+        created = await stub.CreateEndpoint(pb.CreateEndpointRequest(endpoint=_ep("rt", "m1")))
+        # The task follows from the model's servers (a generation model: chat).
+        assert created.endpoint.task == pb.TASK_CHAT and created.endpoint.config_version == 1
+        snap = await _next_snapshot(call, lambda s: s.version >= created.version)
+        assert "rt" in {e.name for e in snap.endpoints}
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateEndpoint(pb.CreateEndpointRequest(endpoint=_ep("rt", "m1")))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+        limits = pb.Endpoint(name="rt", limits=pb.Limits(requests_per_minute=7))
+        updated = await stub.UpdateEndpoint(pb.UpdateEndpointRequest(
+            endpoint=limits, update_mask={"paths": ["limits.requests_per_minute"]}))
+        assert updated.endpoint.limits.requests_per_minute == 7
+        assert updated.endpoint.config_version == 1  # limits are not a config change
+        snap = await _next_snapshot(call, lambda s: s.version >= updated.version)
+        (rt,) = [e for e in snap.endpoints if e.name == "rt"]
+        assert rt.limits.requests_per_minute == 7 and rt.served_entities[0].model == "m1"
+
+        # Refused changes name what is wrong, and the endpoint keeps its config.
+        for endpoint, paths, code, words in [
+            (_ep("rt", "nope"), ["served_entities"], grpc.StatusCode.INVALID_ARGUMENT, "unknown"),
+            (pb.Endpoint(name="rt", fallbacks=["ghost"]), ["fallbacks"],
+             grpc.StatusCode.FAILED_PRECONDITION, "ghost"),
+            (pb.Endpoint(name="rt", retired=True), ["retired"],
+             grpc.StatusCode.FAILED_PRECONDITION, "replacement"),
+            (_ep("rt", "m1"), ["name"], grpc.StatusCode.INVALID_ARGUMENT, "update_mask"),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.UpdateEndpoint(pb.UpdateEndpointRequest(
+                    endpoint=endpoint, update_mask={"paths": paths}))
+            assert err.value.code() == code and words in err.value.details(), err.value.details()
+        got = await stub.GetEndpoint(pb.GetEndpointRequest(name="rt"))
+        assert got.endpoint.served_entities[0].model == "m1" and not got.endpoint.retired
+
+        # An endpoint another one falls back to cannot go.
+        await stub.CreateEndpoint(pb.CreateEndpointRequest(endpoint=_ep("rt2", "m1", fallbacks=["rt"])))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="rt"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "rt" in err.value.details()
+        await stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="rt2"))
+        gone = await stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="rt"))
+        snap = await _next_snapshot(call, lambda s: s.version >= gone.version)
+        assert not {"rt", "rt2"} & {e.name for e in snap.endpoints}
+    finally:
+        call.cancel()
+        await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=reg.id))
+
+
+async def test_a_config_waits_for_its_models_replicas_and_a_second_update_is_refused(
+        stub, model_server):
+    # m2 is known (a server registered it once) but has no live replica now.
+    gone = await model_server.RegisterReplica(pb.RegisterReplicaRequest(
+        replica=pb.Replica(address="10.0.1.3:1", models=["m2"], kind=pb.REPLICA_KIND_GENERATION)))
+    await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=gone.id))
+    live = await model_server.RegisterReplica(
+        pb.RegisterReplicaRequest(replica=_replica("10.0.1.4:1"), ttl_seconds=30))
+    await stub.CreateEndpoint(pb.CreateEndpointRequest(endpoint=_ep("pend", "m1")))
+    try:
+        await asyncio.sleep(0.2)  # routing's view has m2 without replicas
+        up = await stub.UpdateEndpoint(pb.UpdateEndpointRequest(
+            endpoint=_ep("pend", "m2"), update_mask={"paths": ["served_entities"]}))
+        assert up.endpoint.config_update == pb.CONFIG_UPDATE_STATE_IN_PROGRESS
+        assert [se.model for se in up.endpoint.served_entities] == ["m1"]  # the old one serves
+        assert [se.model for se in up.endpoint.pending_served_entities] == ["m2"]
+        res = await stub.ResolveEndpoint(pb.ResolveEndpointRequest(name="pend"))
+        assert res.model == "m1"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.UpdateEndpoint(pb.UpdateEndpointRequest(
+                endpoint=_ep("pend", "m1"), update_mask={"paths": ["served_entities"]}))
+        assert err.value.code() == grpc.StatusCode.ABORTED and "in progress" in err.value.details()
+
+        # m2 comes up: the pending config takes over within a second.
+        back = await model_server.RegisterReplica(pb.RegisterReplicaRequest(
+            replica=pb.Replica(address="10.0.1.5:1", models=["m2"], kind=pb.REPLICA_KIND_GENERATION),
+            ttl_seconds=30))
+
+        async def promoted():
+            ep = (await stub.GetEndpoint(pb.GetEndpointRequest(name="pend"))).endpoint
+            return (ep.config_update == pb.CONFIG_UPDATE_STATE_NOT_UPDATING
+                    and [se.model for se in ep.served_entities] == ["m2"] and ep)
+        ep = await eventually(promoted, timeout=1.5)
+        assert ep.config_version == 2 and not ep.pending_served_entities
+        await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=back.id))
+
+        # A config whose models never come up fails after the pending timeout (3 s here); the
+        # current config keeps serving.
+        await stub.UpdateEndpoint(pb.UpdateEndpointRequest(
+            endpoint=_ep("pend", "m1"), update_mask={"paths": ["served_entities"]}))
+        await asyncio.sleep(0.3)
+        await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=live.id))
+        live = None
+        await stub.UpdateEndpoint(pb.UpdateEndpointRequest(
+            endpoint=_ep("pend", "m2"), update_mask={"paths": ["served_entities"]}))
+
+        async def failed():
+            ep = (await stub.GetEndpoint(pb.GetEndpointRequest(name="pend"))).endpoint
+            return ep.config_update == pb.CONFIG_UPDATE_STATE_UPDATE_FAILED and ep
+        ep = await eventually(failed, timeout=5)
+        assert [se.model for se in ep.served_entities] == ["m1"] and not ep.pending_served_entities
+    finally:
+        if live is not None:
+            await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=live.id))
+        await stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="pend"))
+
+
+async def test_two_routing_replicas_share_the_registry_and_apply_is_idempotent(routing_env, stub):
+    _, sup, tmp, redis = routing_env
+    second = start_routing(sup, tmp, redis, name="routing-2")  # applies the same file at start
+    async with tls.aio_channel(second, "gateway", "routing") as ch:
+        other = routing_pb2_grpc.RoutingServiceStub(ch)
+        call = other.WatchRegistry(pb.WatchRegistryRequest())
+        try:
+            before = await _next_snapshot(call, lambda s: True, timeout=5)
+            declared = [_ep("applied", "m1", description="from a file", task=pb.TASK_CHAT)]
+            first = await stub.ApplyEndpoints(pb.ApplyEndpointsRequest(endpoints=declared))
+            assert list(first.created) == ["applied"] and first.version > before.version
+            # The change made through one replica reaches the other's watchers within a second.
+            t0 = time.monotonic()
+            await _next_snapshot(call, lambda s: s.version >= first.version)
+            assert time.monotonic() - t0 < 1.0
+            again = await other.ApplyEndpoints(pb.ApplyEndpointsRequest(endpoints=declared))
+            assert list(again.unchanged) == ["applied"] and again.version == first.version
+            pruned = await other.ApplyEndpoints(pb.ApplyEndpointsRequest(
+                endpoints=declared + [_ep("chat", "m1", task=pb.TASK_CHAT)], prune=True))
+            assert sorted(pruned.deleted) == ["old"] and list(pruned.updated) == []
+        finally:
+            call.cancel()
+    # Put the module's registry back as the file declares it.
+    old = pb.Endpoint(name="old", retired=True, replacement="chat", task=pb.TASK_CHAT,
+                      served_entities=[pb.ServedEntity(model="m1", traffic_percentage=100)])
+    await stub.ApplyEndpoints(pb.ApplyEndpointsRequest(endpoints=[old]))
+    await stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="applied"))

@@ -71,7 +71,7 @@ class Access(Enum):
     BODY = "body"  # inference naming its endpoint in the body: needs some endpoint scope
     QUERY = "query"  # inference on the endpoint in the path: scope must match
     READ = "read"  # read the endpoint in the path: scope must match, or admin
-    ADMIN = "admin"  # token or endpoint management
+    ADMIN = "admin"  # token or endpoint management (and fmapi's own admin API, /api/2.0/fmapi/)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ _INVOCATIONS = re.compile(r"^/serving-endpoints/([^/]+)/invocations/?$")
 _MODEL = re.compile(r"^/v1/models/([^/]+)/?$")
 _DB_ENDPOINT = re.compile(r"^/api/2\.0/serving-endpoints/([^/]+)(?:/.*)?$")
 _DB_ENDPOINTS = re.compile(r"^/api/2\.0/serving-endpoints/?$")
-_TOKEN_MGMT = re.compile(r"^/api/2\.0/(?:token|tokens|token-management)(?:/.*)?$")
+_TOKEN_MGMT = re.compile(r"^/api/2\.0/(?:token|tokens|token-management|fmapi)(?:/.*)?$")
 _INFERENCE_GRPC = "/fmapi.inference.v1.InferenceService/"
 _INTERNAL_GRPC = re.compile(r"^/fmapi\.(?:auth|routing|quota|generation|embedding)\.v\d+\.")
 _READ_METHODS = frozenset({"GET", "HEAD"})

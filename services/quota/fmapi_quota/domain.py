@@ -18,9 +18,10 @@ from typing import Literal
 
 from fmapi_common.errors import InvalidArgument
 
-# Dimensions of a bucket: requests, input tokens, output tokens, provisioned throughput.
-REQUESTS, INPUT, OUTPUT, THROUGHPUT = "r", "i", "o", "t"
-TOKEN_DIMS = (INPUT, OUTPUT, THROUGHPUT)
+# Dimensions of a bucket: requests, input tokens, output tokens, input + output tokens together,
+# provisioned throughput.
+REQUESTS, INPUT, OUTPUT, TOTAL, THROUGHPUT = "r", "i", "o", "k", "t"
+TOKEN_DIMS = (INPUT, OUTPUT, TOTAL, THROUGHPUT)
 
 KeyKind = Literal["endpoint", "principal"]
 PrincipalKind = Literal["user", "service_principal"]
@@ -41,6 +42,7 @@ class Rule:
     requests_per_minute: int = 0
     input_tokens_per_minute: int = 0
     output_tokens_per_minute: int = 0
+    tokens_per_minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,8 @@ def validate(a: Admission) -> None:
     if len(set(kinds)) != len(kinds):
         raise InvalidArgument("at most one rule per key", param="rules")
     for r in a.rules:
-        if min(r.requests_per_minute, r.input_tokens_per_minute, r.output_tokens_per_minute) < 0:
+        if min(r.requests_per_minute, r.input_tokens_per_minute, r.output_tokens_per_minute,
+               r.tokens_per_minute) < 0:
             raise InvalidArgument("limits must not be negative", param="rules")
     if a.tokens_per_second < 0 or a.burst_seconds < 0:
         raise InvalidArgument("provisioned throughput must not be negative",
@@ -211,6 +214,7 @@ def buckets(a: Admission, default_burst_seconds: float) -> list[Bucket]:
             (REQUESTS, r.requests_per_minute, 1, "requests"),
             (INPUT, r.input_tokens_per_minute, a.input_tokens, "input tokens"),
             (OUTPUT, r.output_tokens_per_minute, a.reserved_output_tokens, "output tokens"),
+            (TOTAL, r.tokens_per_minute, a.input_tokens + a.reserved_output_tokens, "tokens"),
         ):
             if limit > 0:
                 out.append(Bucket(dim, who, float(limit), limit / 60_000, amount,
@@ -231,7 +235,7 @@ def never_fits(a: Admission, bs: list[Bucket]) -> InvalidArgument | None:
     for b in bs:
         if b.amount <= b.capacity:
             continue
-        if b.dim == OUTPUT or (b.dim == THROUGHPUT and a.input_tokens <= b.capacity):
+        if b.dim == OUTPUT or (b.dim in (TOTAL, THROUGHPUT) and a.input_tokens <= b.capacity):
             return InvalidArgument(
                 f"max_tokens ({a.reserved_output_tokens}) cannot fit in the {b.label}; "
                 "lower max_tokens", param="max_tokens")

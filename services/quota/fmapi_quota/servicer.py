@@ -37,7 +37,7 @@ def admission_from_pb(req: pb.AdmitRequest) -> Admission:
         client_request_id=req.client_request_id,
         usage_context=dict(req.usage_context),
         rules=[Rule(_KEYS[r.key], r.requests_per_minute, r.input_tokens_per_minute,
-                    r.output_tokens_per_minute) for r in req.rules],
+                    r.output_tokens_per_minute, r.tokens_per_minute) for r in req.rules],
         tokens_per_second=pt.tokens_per_second,
         burst_seconds=pt.burst_seconds,
     )

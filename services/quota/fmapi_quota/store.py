@@ -4,7 +4,7 @@ Key layout: everything about endpoint ``E`` shares the hash tag ``{E}``, so each
 one slot and the layout works on Redis Cluster unchanged (``P`` = ``<key_prefix>:{E}:``)::
 
     P b:<dim>:<who>   token bucket (hash l=level, t=ms); expires once it would be full again,
-                      a missing bucket reads as full. dim: r requests, i input, o output,
+                      a missing bucket reads as full. dim: r requests, i input, o output, k input + output,
                       t provisioned throughput; who: "endpoint" or "p:<kind>:<principal>"
     P res:<id>        a reservation: the record's fields known at admission, start time,
                       tokens charged, the buckets charged, the admission's answer (for replays)
@@ -113,6 +113,7 @@ local function settle(id, out, inp, status, ttft, dur, reason, expired, now)
   out, inp = out or reserved_out, inp or charged_in
   local back = {r = 0, i = charged_in - inp, o = reserved_out - out}
   back.t = back.i + back.o
+  back.k = back.t
   for _, b in ipairs(cjson.decode(h[5])) do
     if back[b.d] ~= 0 then
       set_level(b.k, math.min(b.c, level_at(b.k, b.c, b.r, now) + back[b.d]), b.c, b.r, now)

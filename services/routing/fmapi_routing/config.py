@@ -11,10 +11,15 @@ from fmapi_common.config import ServiceConfig
 class RoutingConfig(ServiceConfig):
     model_config = SettingsConfigDict(env_prefix="FMAPI_ROUTING_")
 
-    # YAML file declaring the endpoints (see infra/endpoints/dev.yaml).
-    endpoints_file: str
+    # YAML file declaring endpoints (see infra/endpoints/dev.yaml), applied to the registry at
+    # start ("" = none; the registry in Redis is the truth either way).
+    endpoints_file: str = ""
     # Redis holding the replica registry, shared by every routing replica.
     redis_url: str
     # Redis socket and connect timeout: an unreachable Redis is a prompt 503, not a hang.
     redis_timeout_seconds: float = Field(default=0.5, gt=0.0)
     redis_max_connections: int = Field(default=64, ge=2)
+    # The view of the registry is rebuilt on every change and at least this often (seconds).
+    refresh_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
+    # A change of served entities waits this long for its models' replicas, then fails.
+    pending_timeout_seconds: float = Field(default=600.0, gt=0.0)

@@ -7,6 +7,10 @@ replica ids scored by their expiry time, so a dead replica drops out on its own.
 Registrations are bound to the identity that made them (the model server's certificate): ids are
 assigned here, never chosen by the caller, and only the owner may renew or remove its replica.
 TTL, reported load, address and model names are validated (:func:`check_registration`).
+
+Every change is published on the registry's change channel (every routing replica rebuilds the
+view it streams to gateways), and every model ever registered is remembered with its kind
+(``fmapi:registry:models``: the models an endpoint may name).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from fmapi_common.errors import InvalidArgument, PermissionDenied, Unavailable
+
+from .registry import CHANNEL, MODELS
 
 _PREFIX = "fmapi:"
 
@@ -50,6 +56,7 @@ class ReplicaInfo:
     inflight: int = 0
     dedicated_endpoint: str = ""
     last_seen: float = 0.0
+    expires_in_ms: int = 0
 
 
 # Bounds on what a model server may report about itself.
@@ -133,6 +140,8 @@ class ReplicaStore:
             p.pexpire(key, int(ttl * 1000))
             for m in info.models:
                 p.zadd(self._model_key(m), {info.id: now + ttl})
+                p.hset(MODELS, m, info.kind)
+            p.publish(CHANNEL, "r")
             await p.execute()
         return info.id
 
@@ -159,6 +168,7 @@ class ReplicaStore:
             p.pexpire(key, int(ttl * 1000))
             for m in models:
                 p.zadd(self._model_key(m), {replica_id: now + ttl})
+            p.publish(CHANNEL, "r")
             await p.execute()
         return True
 
@@ -172,6 +182,7 @@ class ReplicaStore:
             p.delete(key)
             for m in owned[0]:
                 p.zrem(self._model_key(m), replica_id)
+            p.publish(CHANNEL, "r")
             await p.execute()
 
     @_fail_fast
@@ -187,12 +198,21 @@ class ReplicaStore:
 
     @_fail_fast
     async def all_live(self) -> list[ReplicaInfo]:
+        keys = [k async for k in self._r.scan_iter(match=f"{_PREFIX}replica:*", count=500)]
+        async with self._r.pipeline(transaction=False) as p:
+            for key in keys:
+                p.hgetall(key)
+            found = await p.execute()
+        now = time.time()
         out = []
-        async for key in self._r.scan_iter(match=f"{_PREFIX}replica:*", count=500):
-            h = await self._r.hgetall(key)
+        for key, h in zip(keys, found):
             if not h:
                 continue
             h = {k.decode(): v.decode() for k, v in h.items()}
+            last_seen = float(h.get("last_seen", 0))
+            expires_in_ms = int((last_seen + float(h.get("ttl", DEFAULT_TTL)) - now) * 1000)
+            if expires_in_ms <= 0:
+                continue
             out.append(
                 ReplicaInfo(
                     id=key.decode().rsplit(":", 1)[1],
@@ -201,7 +221,8 @@ class ReplicaStore:
                     models=json.loads(h.get("models", "[]")),
                     inflight=int(h.get("inflight", 0)),
                     dedicated_endpoint=h.get("dedicated_endpoint", ""),
-                    last_seen=float(h.get("last_seen", 0)),
+                    last_seen=last_seen,
+                    expires_in_ms=expires_in_ms,
                 )
             )
         return out

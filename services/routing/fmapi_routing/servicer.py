@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from fmapi.routing.v1 import routing_pb2 as pb
 from fmapi.routing.v1 import routing_pb2_grpc
+from fmapi_common.endpoints import to_pb
 from fmapi_common.errors import PermissionDenied
-from fmapi_common.tls import GENERATION, EMBEDDING, peer_identity
+from fmapi_common.router import Router
+from fmapi_common.tls import EMBEDDING, GENERATION, peer_identity
 
-from .convert import endpoint_to_pb, replica_from_pb, replica_to_pb
+from .convert import replica_from_pb, replica_to_pb
+from .registry import ControlPlane
 from .replicas import DEFAULT_TTL, ReplicaStore, check_registration
-from .router import Router
-
+from .view import RegistryView
 
 # The replica kind each model-server identity may register.
 _KIND_OF = {GENERATION: pb.REPLICA_KIND_GENERATION, EMBEDDING: pb.REPLICA_KIND_EMBEDDING}
+# A watcher gets the current snapshot at least this often (a keep-alive for idle registries).
+WATCH_KEEPALIVE_S = 5.0
 
 
 def _owner(context) -> str:
@@ -22,23 +26,51 @@ def _owner(context) -> str:
 
 
 class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
-    def __init__(self, router: Router, store: ReplicaStore) -> None:
-        self._router = router
+    def __init__(self, view: RegistryView, control: ControlPlane, store: ReplicaStore) -> None:
+        self._view = view
+        self._control = control
+        self._router = Router(lambda: view.current)
         self._store = store
 
     async def GetEndpoint(self, request, context):
-        return pb.GetEndpointResponse(endpoint=endpoint_to_pb(self._router.endpoint(request.name)))
+        return pb.GetEndpointResponse(endpoint=self._router.endpoint(request.name))
 
     async def ListEndpoints(self, request, context):
-        return pb.ListEndpointsResponse(
-            endpoints=[endpoint_to_pb(e) for e in self._router.registry.endpoints]
-        )
+        return pb.ListEndpointsResponse(endpoints=list(self._view.message.endpoints))
 
     async def ResolveEndpoint(self, request, context):
-        res = await self._router.resolve(request.name)
-        return pb.ResolveEndpointResponse(
-            endpoint=endpoint_to_pb(res.endpoint), model=res.model, replica=replica_to_pb(res.replica)
-        )
+        res = self._router.resolve(request.name)
+        return pb.ResolveEndpointResponse(endpoint=res.endpoint, model=res.model, replica=res.replica)
+
+    async def WatchRegistry(self, request, context):
+        seq = -1
+        while not self._view.closing:
+            await self._view.wait_newer(seq, WATCH_KEEPALIVE_S)
+            if self._view.closing:
+                return
+            seq = self._view.seq
+            if self._view.message.version >= 0:
+                yield self._view.message
+
+    async def CreateEndpoint(self, request, context):
+        ep, version = await self._control.create(request.endpoint)
+        self._view.poke()
+        return pb.CreateEndpointResponse(endpoint=to_pb(ep), version=version)
+
+    async def UpdateEndpoint(self, request, context):
+        ep, version = await self._control.update(request.endpoint, request.update_mask)
+        self._view.poke()
+        return pb.UpdateEndpointResponse(endpoint=to_pb(ep), version=version)
+
+    async def DeleteEndpoint(self, request, context):
+        version = await self._control.delete(request.name)
+        self._view.poke()
+        return pb.DeleteEndpointResponse(version=version)
+
+    async def ApplyEndpoints(self, request, context):
+        out = await self._control.apply(list(request.endpoints), request.prune)
+        self._view.poke()
+        return out
 
     async def RegisterReplica(self, request, context):
         info = replica_from_pb(request.replica)

@@ -1,0 +1,135 @@
+"""Each routing replica's view of the registry, rebuilt from Redis on every change, and handed to
+every gateway that watches it.
+
+A change anywhere (an endpoint written by any routing replica; a replica registering, beating or
+leaving) is published on ``fmapi:registry:changes``; every routing replica rebuilds its view at
+once (changes arriving together are coalesced), and at least every ``refresh_s`` seconds (replicas
+that stopped beating drop out; a missed message costs at most that long). After its subscription
+drops, a replica reloads as soon as it is back. Each rebuild also promotes pending configs whose
+models have come up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as redis
+
+from fmapi.routing.v1 import routing_pb2 as pb
+from fmapi_common.endpoints import Endpoint, to_pb
+from fmapi_common.errors import FmapiError
+from fmapi_common.router import View
+
+from .registry import CHANNEL, ControlPlane, RegistryStore
+from .replicas import ReplicaStore
+
+log = logging.getLogger(__name__)
+
+
+class RegistryView:
+    def __init__(self, store: RegistryStore, replicas: ReplicaStore, subscriber: redis.Redis, *,
+                 static_replicas: dict[str, list[str]] | None = None, refresh_s: float = 1.0,
+                 pending_timeout_s: float = 600.0, coalesce_s: float = 0.02) -> None:
+        self._store = store
+        self._replicas = replicas
+        self._sub = subscriber
+        self._static = {m: pb.StaticReplicas(addresses=a) for m, a in (static_replicas or {}).items()}
+        self._refresh_s = refresh_s
+        self._pending_timeout_ms = int(pending_timeout_s * 1000)
+        self._coalesce_s = coalesce_s
+        self.control: ControlPlane | None = None
+        self.current = View()
+        self.message = pb.WatchRegistryResponse(version=-1)
+        self.seq = 0  # bumped with every new message
+        self._dirty = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.closing = False
+
+    def live_models(self) -> set[str]:
+        return self.current.live_models()
+
+    async def start(self) -> None:
+        try:
+            await self.rebuild()
+        except FmapiError as exc:
+            log.warning("registry not loaded at start (%s); retrying", exc.message)
+        self._tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._rebuilder())]
+
+    async def drain(self) -> None:
+        """Shutting down: end every watch stream now (gateways reconnect to another replica)."""
+        self.closing = True
+        self._changed.set()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def poke(self) -> None:
+        """Something changed: rebuild soon."""
+        self._dirty.set()
+
+    async def rebuild(self) -> None:
+        version, raw = await self._store.snapshot()
+        endpoints = [to_pb(Endpoint.model_validate_json(j)) for _, j in sorted(raw.items())]
+        live = await self._replicas.all_live()
+        msg = pb.WatchRegistryResponse(version=version, endpoints=endpoints,
+                                       static_replicas=self._static)
+        for r in sorted(live, key=lambda r: r.id):
+            msg.replicas.add(id=r.id, address=r.address, kind=r.kind, models=r.models,
+                             inflight=r.inflight, dedicated_endpoint=r.dedicated_endpoint,
+                             expires_in_ms=r.expires_in_ms)
+        self.current = View.of(msg)
+        self.message = msg
+        self.seq += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        if self.control is not None and any(
+                e.config_update == pb.CONFIG_UPDATE_STATE_IN_PROGRESS for e in endpoints):
+            await self.control.promote(self.live_models(), self._pending_timeout_ms)
+
+    async def wait_newer(self, seq: int, timeout: float) -> None:
+        """Return once a message newer than ``seq`` exists, or after ``timeout``."""
+        if self.seq != seq:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def _rebuilder(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self._refresh_s)
+            await asyncio.sleep(self._coalesce_s)  # let changes that arrive together coalesce
+            self._dirty.clear()
+            try:
+                await self.rebuild()
+            except FmapiError as exc:
+                log.warning("registry rebuild failed: %s", exc.message)
+            except Exception:  # noqa: BLE001 - keep the last good view, try again
+                log.exception("registry rebuild failed")
+
+    async def _listen(self) -> None:
+        delay = 0.05
+        while True:
+            pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                self.poke()  # messages may have been missed while unsubscribed: reload
+                delay = 0.05
+                async for msg in pubsub.listen():
+                    if msg.get("type") == "message":
+                        self.poke()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - resubscribe; the periodic rebuild covers
+                log.warning("registry change channel lost (%s); resubscribing", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
