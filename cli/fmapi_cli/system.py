@@ -66,6 +66,10 @@ class SystemOptions:
     tls: bool = True
     # Benchmarks only: False serves without admission or settlement (what metering costs).
     metered: bool = True
+    # Replicas of the gateway (Envoy balances across them, least request first) and of the
+    # quota service (gateway i uses quota replica i mod quotas).
+    gateways: int = 1
+    quotas: int = 1
     ready_timeout: float = 300.0
 
 
@@ -107,13 +111,16 @@ class System:
 
     def _spawn(self, name: str, module: str, prefix: str, env: dict[str, str],
                extra_ports: tuple[str, ...] = (), identity: str | None = None):
-        """Start a service; returns a function that waits for its port(s)."""
+        """Start a service; returns a function that waits for its port(s). Every service also
+        serves Prometheus metrics on a port of its own (``ports["<name>-metrics"]``)."""
         pf = self._port_file(name)
+        extra_ports = (*extra_ports, "metrics")
         files = {p: self._port_file(f"{name}-{p}") for p in extra_ports}
         child_env = {
             **self.opts.env,
             **self._tls_env(prefix, identity or name),
             f"{prefix}PORT_FILE": str(pf),
+            f"{prefix}METRICS_PORT": "0",
             **{f"{prefix}{p.upper()}_PORT_FILE": str(f) for p, f in files.items()},
             **env,
         }
@@ -168,15 +175,16 @@ class System:
              "FMAPI_AUTH_BOOTSTRAP_ADMIN_TOKEN_FILE": str(self.admin_token_file)},
         )
 
-        wait_quota = self._spawn("quota", "fmapi_quota", "FMAPI_QUOTA_",
-                                 {"FMAPI_QUOTA_REDIS_URL": self.redis_url})
+        wait_quotas = [self._spawn(_replica("quota", i), "fmapi_quota", "FMAPI_QUOTA_",
+                                   {"FMAPI_QUOTA_REDIS_URL": self.redis_url}, identity="quota")
+                       for i in range(self.opts.quotas)]
         routing = self._spawn(
             "routing", "fmapi_routing", "FMAPI_ROUTING_",
             {"FMAPI_ROUTING_ENDPOINTS_FILE": str(self.opts.endpoints_file),
              "FMAPI_ROUTING_REDIS_URL": self.redis_url},
         )(30)
         routing_addr = f"127.0.0.1:{routing}"
-        quota_addr = f"127.0.0.1:{wait_quota(30)}"
+        quota_addrs = [f"127.0.0.1:{wait(30)}" for wait in wait_quotas]
         auth_addr = f"127.0.0.1:{wait_auth(30)}"
         # Model servers load in parallel; each registers with routing once it is ready.
         waits = [self._spawn(
@@ -193,15 +201,17 @@ class System:
                  "HF_HUB_OFFLINE": "1", **spec.env},
                 identity="generation",
             ))
-        self._spawn(
-            "gateway", "fmapi_gateway", "FMAPI_GATEWAY_",
+        gateways = [self._spawn(
+            _replica("gateway", i), "fmapi_gateway", "FMAPI_GATEWAY_",
             {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr, "FMAPI_GATEWAY_AUTH_ADDR": auth_addr,
-             "FMAPI_GATEWAY_QUOTA_ADDR": quota_addr,
+             "FMAPI_GATEWAY_QUOTA_ADDR": quota_addrs[i % len(quota_addrs)],
              "FMAPI_GATEWAY_UNMETERED": "false" if self.opts.metered else "true",
              "FMAPI_GATEWAY_IDENTITY_KEY": self.identity_key,
              # The public gRPC API offers reflection (through Envoy, with a token).
-             "FMAPI_GATEWAY_REFLECTION": "true"}, extra_ports=("http",),
-        )(30)
+             "FMAPI_GATEWAY_REFLECTION": "true"}, extra_ports=("http",), identity="gateway",
+        ) for i in range(self.opts.gateways)]
+        for wait in gateways:
+            wait(30)
         for wait in waits:
             wait(self.opts.ready_timeout)
         self._start_envoy()
@@ -230,6 +240,17 @@ class System:
             # of its own, which this Envoy must then keep.
             hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
             hcm["typed_config"]["preserve_external_request_id"] = True
+        for cluster in cfg["static_resources"]["clusters"]:
+            if cluster["name"].startswith("gateway_"):
+                port = "gateway-http" if cluster["name"] == "gateway_http" else "gateway"
+                cluster["lb_policy"] = "LEAST_REQUEST"
+                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+                    {"endpoint": {"address": {"socket_address": {
+                        "address": "127.0.0.1",
+                        "port_value": self.ports[port.replace("gateway", _replica("gateway", i), 1)],
+                    }}}}
+                    for i in range(self.opts.gateways)
+                ]
         if self.opts.tls:
             upstream = {"auth": AUTH, "gateway_grpc": GATEWAY, "gateway_http": GATEWAY}
             for cluster in cfg["static_resources"]["clusters"]:
@@ -275,6 +296,14 @@ class System:
         with httpx.Client(transport=transport, base_url="http://envoy-admin", timeout=5) as c:
             return c.request(method, path)
 
+    def metric(self, service: str, name: str, **labels: str) -> float:
+        """The sum of a Prometheus sample of one service's process over the given labels."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://127.0.0.1:{self.ports[f'{service}-metrics']}/metrics", timeout=5).text
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
     def tls_files(self, identity: str) -> TlsFiles:
         """One identity's certificate files (e.g. for a test that dials a service directly)."""
         p = pki.paths(self.pki_dir, identity)
@@ -309,6 +338,11 @@ class System:
 
     def stop(self) -> None:
         self.sup.stop()
+
+
+def _replica(service: str, i: int) -> str:
+    """The name of a service's i-th replica: "gateway", "gateway-2", ..."""
+    return service if i == 0 else f"{service}-{i + 1}"
 
 
 def envoy_upstream_tls(envoy: pki.CertPaths, upstream: str, *, h2: bool) -> dict:

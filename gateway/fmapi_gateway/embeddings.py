@@ -27,6 +27,8 @@ class Embeddings:
     input_tokens: int
     # OpenAI's rate-limit headers for the response.
     headers: dict[str, str] = field(default_factory=dict)
+    # The served model that answered.
+    model: str = ""
 
 
 async def embed(
@@ -72,7 +74,7 @@ async def embed(
             req.inputs.add(tokens=embedding_pb2.TokenIds(ids=item))
     if backends.quota is None:
         resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
-        return _result(ep.name, resp, {})
+        return _result(ep.name, res.model, resp, {})
     tokens = await backends.count_embedding_tokens(res.replica.address, req)
     meter = await backends.quota.admit(
         tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,
@@ -84,9 +86,10 @@ async def embed(
         meter.settle(output_tokens=0, status_code=status_of(exc))
         raise
     meter.settle(output_tokens=0, status_code=200, input_tokens=resp.input_tokens)
-    return _result(ep.name, resp, meter.headers)
+    return _result(ep.name, res.model, resp, meter.headers)
 
 
-def _result(endpoint: str, resp: embedding_pb2.EmbedResponse, headers: dict[str, str]) -> Embeddings:
+def _result(endpoint: str, model: str, resp: embedding_pb2.EmbedResponse,
+            headers: dict[str, str]) -> Embeddings:
     vectors = np.array([e.values for e in resp.embeddings], dtype=np.float32)
-    return Embeddings(endpoint, vectors, resp.input_tokens, headers)
+    return Embeddings(endpoint, vectors, resp.input_tokens, headers, model)

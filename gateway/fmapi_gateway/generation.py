@@ -42,9 +42,10 @@ class Event:
 
 class Run:
     def __init__(self, call: GenerationCall, endpoint: str, streams, *, idle: float, cap: float,
-                 meter: Meter | None) -> None:
+                 meter: Meter | None, model: str = "") -> None:
         self.call = call
         self.endpoint = endpoint
+        self.model = model  # the served model the endpoint's traffic split chose
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
         self._streams = streams
@@ -166,7 +167,8 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
             streaming=call.stream, input_param="messages" if call.chat else "prompt",
         )
     streams = [open_generation(backends, res.replica.address, req, cap) for req in call.requests]
-    run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap, meter=meter)
+    run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap, meter=meter,
+              model=res.model)
     try:
         await run.read_firsts()
     except BaseException as exc:

@@ -59,7 +59,8 @@ class Api:
             dimensions=req["dimensions"],
             instruction=req["instruction"],
         ))
-        return JSON(openai_embeddings.render(result, req["encoding_format"]), headers=result.headers)
+        return JSON(openai_embeddings.render(result, req["encoding_format"]),
+                    headers={**result.headers, SERVED_MODEL: result.model})
 
     async def openai_embeddings(self, request: Request) -> JSON:
         return await self.embeddings(request)
@@ -74,7 +75,7 @@ class Api:
     async def _generate(self, ident, call: openai_generation.GenerationCall, tags: UsageTags):
         # Everything that can refuse the request happens here, before any byte is sent.
         run = await generation.start(self.backends, ident, call, tags)
-        limits = run.meter.headers if run.meter is not None else {}
+        limits = {**(run.meter.headers if run.meter is not None else {}), SERVED_MODEL: run.model}
         if call.stream:
             return _RunStream(run, headers={"cache-control": "no-cache", "x-accel-buffering": "no",
                                             **limits})
@@ -265,6 +266,10 @@ class _RunStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._run.close()
+
+
+# Which served model answered (an endpoint may split its traffic between several).
+SERVED_MODEL = "x-fmapi-served-model"
 
 
 def usage_tags(request: Request, body: dict) -> UsageTags:

@@ -256,8 +256,11 @@ def create_request(body: Mapping) -> pb.Endpoint:
         tag = _obj(tag, f"tags[{i}]")
         ep.tags[_str(tag.get("key"), f"tags[{i}].key", required=True)] = _str(
             tag.get("value"), f"tags[{i}].value")
-    if body.get("ai_gateway") is not None:
-        gw, _ = ai_gateway(body["ai_gateway"])
+    gateway = dict(_obj(body.get("ai_gateway"), "ai_gateway"))
+    if body.get("rate_limits") is not None and "rate_limits" not in gateway:
+        gateway["rate_limits"] = body["rate_limits"]  # the older top-level form
+    if gateway:
+        gw, _ = ai_gateway(gateway)
         ep.limits.MergeFrom(gw.limits)
         ep.ai_gateway.CopyFrom(gw.ai_gateway)
         ep.fallbacks.extend(gw.fallbacks)

@@ -43,6 +43,10 @@ class ServiceConfig(BaseSettings):
     insecure: bool = False
     # Serve gRPC reflection (lists every method to anyone who may connect).
     reflection: bool = False
+    # Prometheus metrics over HTTP on this port (0 = any free port; unset = no metrics server),
+    # and where to write the bound port.
+    metrics_port: int | None = None
+    metrics_port_file: str | None = None
 
     @model_validator(mode="after")
     def _tls_required(self):

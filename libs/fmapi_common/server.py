@@ -2,8 +2,8 @@
 
 Every service gets mutual TLS with per-method authorization of the calling service (its
 :data:`~fmapi_common.tls.Policy`), the standard health service, reflection when configured, the
-error-mapping and tracing interceptors, a bound port (0 in tests, written to ``port_file`` for a
-supervisor) and a graceful shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING, in-flight
+error-mapping and tracing interceptors, a call counter (Prometheus, on ``metrics_port`` when set),
+a bound port (0 in tests, written to ``port_file`` for a supervisor) and a graceful shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING, in-flight
 calls get ``grace_seconds``, then the shutdown hooks run.
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -27,6 +28,10 @@ from .telemetry import server_interceptors, shutdown_telemetry
 from .tls import ANY, HEALTH_PREFIX, REFLECTION_PREFIXES, AuthorizationInterceptor, Policy
 
 log = logging.getLogger(__name__)
+
+RPCS_STARTED = prometheus_client.Counter(
+    "fmapi_grpc_server_started", "gRPC calls received, by service and method",
+    ["grpc_service", "grpc_method"])
 
 Hook = Callable[[], Awaitable[None]]
 
@@ -105,6 +110,7 @@ async def start_grpc_service(
         authz = [AuthorizationInterceptor({**open_, **policy})]
     server = grpc.aio.server(
         interceptors=[
+            CountingInterceptor(),
             *authz,
             *server_interceptors(exclude_methods=bare),
             ErrorInterceptor(exclude_methods=bare),
@@ -136,7 +142,28 @@ async def start_grpc_service(
     if config.port_file:
         write_port_file(config.port_file, port)
     log.info("listening on %s:%d (%s)", config.host, port, ", ".join(names))
+    if config.metrics_port is not None:
+        start_metrics_server(config.host, config.metrics_port, config.metrics_port_file)
     return svc
+
+
+class CountingInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call by method (``fmapi_grpc_server_started_total``), refused ones too."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        RPCS_STARTED.labels(service, method).inc()
+        return await continuation(handler_call_details)
+
+
+def start_metrics_server(host: str, port: int, port_file: str | None) -> int:
+    """Serve Prometheus' text format on ``host:port`` (a thread); returns the bound port."""
+    server, _ = prometheus_client.start_http_server(port, addr=host)
+    bound = server.server_port
+    if port_file:
+        write_port_file(port_file, bound)
+    log.info("metrics on %s:%d/metrics", host, bound)
+    return bound
 
 
 async def _run_hooks(hooks: list[Hook]) -> None:

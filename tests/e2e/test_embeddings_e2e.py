@@ -134,7 +134,7 @@ def test_grpc_reflection_through_envoy(system):
         assert "fmapi.inference.v1.InferenceService" in names
 
 
-def test_one_trace_spans_gateway_routing_and_embedding(system, otlp, http):
+def test_one_trace_spans_gateway_quota_and_embedding_without_routing(system, otlp, http):
     trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
     r = http.post(
         "/v1/embeddings",
@@ -145,14 +145,16 @@ def test_one_trace_spans_gateway_routing_and_embedding(system, otlp, http):
 
     def complete(spans):
         services = {s.service for s in spans if s.kind == 2}  # SERVER spans
-        return {"gateway", "routing", "embedding"} <= services
+        return {"gateway", "quota", "embedding"} <= services
 
     spans = otlp.trace(trace_id, complete)
     assert complete(spans), spans
+    # The gateway resolved the endpoint from its own copy of the registry: no routing hop.
+    assert "routing" not in {s.service for s in spans}
     by_id = {s.span_id: s for s in spans}
     gw = next(s for s in spans if s.service == "gateway" and s.kind == 2)
     assert gw.parent_id == parent  # continues the caller's trace
-    for service, method in (("routing", "ResolveEndpoint"), ("embedding", "Embed")):
+    for service, method in (("quota", "Admit"), ("embedding", "Embed")):
         server = next(s for s in spans if s.service == service and s.kind == 2 and method in s.name)
         # server span <- gateway's client span <- gateway's request span
         client_span = by_id[server.parent_id]
