@@ -1,28 +1,27 @@
 """A small process supervisor: start children, wait until they are ready, stop them all.
 
 Each child runs in its own session (process group) with its output in a log file, and is told
-to die with SIGTERM when the supervisor dies (PR_SET_PDEATHSIG), so no orphan outlives it. Stop
-sends SIGTERM to each group, newest first, waits for the grace period, then SIGKILLs what is left.
+to die with SIGTERM when the supervisor dies (PR_SET_PDEATHSIG, set by util-linux's ``setpriv``
+as the child starts), so no orphan outlives it. Stop sends SIGTERM to each group, newest first,
+waits for the grace period, then SIGKILLs what is left.
+
+No Python runs between fork and exec (no ``preexec_fn``), so Python starts children with vfork:
+fork handlers of libraries in the supervisor's process (gRPC's restart its poller thread in the
+child, which then dies on the descriptors ``close_fds`` closes) never run.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+# Runs the child's command with PR_SET_PDEATHSIG set (util-linux, on every Debian system).
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "SIGTERM", "--"] if shutil.which("setpriv") else []
 
 
 class ChildFailed(RuntimeError):
@@ -57,14 +56,13 @@ class Supervisor:
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "ab", buffering=0)
         proc = subprocess.Popen(
-            argv,
+            [*_DIE_WITH_PARENT, *argv],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
             # What children write (Redis' data, sockets, port files) is the owner's alone.
             umask=0o077,
         )

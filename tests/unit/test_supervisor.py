@@ -58,3 +58,26 @@ def test_a_child_that_dies_before_ready_fails_fast_with_its_log(tmp_path):
     assert "config is wrong" in str(exc.value) and "3" in str(exc.value)
     assert sup.check() is child
     sup.stop()
+
+
+def test_children_die_with_a_killed_supervisor(tmp_path):
+    """SIGKILL gives the supervisor no chance to stop anything: the kernel tells its children."""
+    import signal
+    import subprocess
+
+    code = (
+        "import sys, time\n"
+        "from fmapi_cli.supervisor import Supervisor\n"
+        f"c = Supervisor({str(tmp_path)!r}).start('sleeper', ['sleep', '60'])\n"
+        "print(c.proc.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(sup.stdout.readline())
+    assert _alive(child)
+    sup.send_signal(signal.SIGKILL)
+    sup.wait()
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
