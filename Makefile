@@ -14,12 +14,16 @@ PIP := $(BIN)/pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-# redis-server is the one system package: Debian's, installed when missing.
+# redis-server and PostgreSQL are the system packages: Debian's, installed when missing.
+# PostgreSQL's binaries live in /usr/lib/postgresql/<version>/bin (not on PATH).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (Debian package)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing postgresql (Debian package)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,7 +64,7 @@ run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:808
 test: install lint ## install everything and run the whole test suite
 	$(BIN)/python -m pytest tests
 
-BENCH_NAMES := embeddings generation auth quota
+BENCH_NAMES := embeddings generation auth quota usage
 bench: install ## run the benchmarks (prints ratios); `make bench quota` runs only that one
 	$(BIN)/python -m bench $(filter $(BENCH_NAMES),$(MAKECMDGOALS))
 ifneq ($(filter bench,$(MAKECMDGOALS)),)

@@ -43,6 +43,20 @@ endpoints:
     limits:
       requests_per_minute: 2
       endpoint: {requests_per_minute: 5}
+# Usage records and inference tables (tests/e2e/test_usage_e2e.py).
+  - name: u-limited
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits: {endpoint: {requests_per_minute: 2}}
+  - name: u-logged
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    ai_gateway: {inference_table: {enabled: true, sampling_fraction: 0.5}}
+  - name: u-logged-chat
+    task: llm/v1/chat
+    served_entities: [{model: tiny}]
+    limits: {default_max_tokens: 16}
+    ai_gateway: {inference_table: {enabled: true, table_name_prefix: "chat log"}}
   - name: q-embed-override
     task: llm/v1/embeddings
     served_entities: [{model: all-minilm-l6-v2}]
@@ -102,6 +116,8 @@ def system(tmp_path_factory, otlp, tiny_model):
                 "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
                 "OTEL_EXPORTER_OTLP_INSECURE": "true",
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
+                # A killed usage writer's records are taken over quickly (the default is 30 s).
+                "FMAPI_USAGE_CLAIM_IDLE_SECONDS": "2",
             },
         )
     )

@@ -44,6 +44,8 @@ def up_command(args) -> int:
         admin_token_file=token_file,
         redis_data_dir=state / "redis",
         pki_dir=state / "pki",
+        usage_database_url=os.environ.get("FMAPI_USAGE_DATABASE_URL")
+        or f"sqlite:///{state / 'usage.db'}",
     )
     if args.no_generation:
         opts.endpoints_file = ROOT / "infra" / "endpoints" / "embeddings-only.yaml"

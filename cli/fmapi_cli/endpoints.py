@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from .tokens import DEFAULT_URL, DEV_TOKEN_FILE, CliError, _request, _when
+from .tokens import CliError, UsageError, _when, common_options, run_command, table
+from .tokens import request as _request
 
 _LIST = "/api/2.0/serving-endpoints"
 _APPLY = "/api/2.0/fmapi/endpoints/apply"
@@ -41,27 +41,6 @@ _DIMENSIONS = (
 _APPLY_ORDER = ("created", "updated", "unchanged", "deleted")
 
 
-class UsageError(CliError):
-    """A mistake in the command line or the input file: exit status 2, nothing sent."""
-
-
-def _common() -> argparse.ArgumentParser:
-    # The same options as `fmapi tokens` (see tokens.add_parser).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--url",
-        default=os.environ.get("FMAPI_URL", DEFAULT_URL),
-        help=f"fmapi base URL (env FMAPI_URL, default {DEFAULT_URL})",
-    )
-    common.add_argument(
-        "--token",
-        default=None,
-        help=f"admin API token (env FMAPI_TOKEN, default: the contents of {DEV_TOKEN_FILE})",
-    )
-    common.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds")
-    return common
-
-
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -73,7 +52,7 @@ def _non_negative(text: str) -> int:
 
 
 def add_parser(subparsers) -> None:
-    common = _common()
+    common = common_options()
     endpoints = subparsers.add_parser("endpoints", help="list, inspect, apply and delete endpoints")
     sub = endpoints.add_subparsers(dest="endpoints_command", required=True)
 
@@ -100,6 +79,14 @@ def add_parser(subparsers) -> None:
     delete = sub.add_parser("delete", parents=[common], help="delete an endpoint")
     delete.add_argument("name", help="endpoint name")
     delete.set_defaults(func=delete_command)
+
+    payloads = sub.add_parser("payloads", parents=[common],
+                              help="show an endpoint's inference table (admins)")
+    payloads.add_argument("name", help="endpoint name")
+    payloads.add_argument("--since", default="1d", help="ISO-8601 time or 30m, 12h, 7d (default 1d)")
+    payloads.add_argument("--limit", type=int, default=20, help="rows, newest first (default 20)")
+    payloads.add_argument("--json", action="store_true", help="print the raw JSON")
+    payloads.set_defaults(func=payloads_command)
 
     limits = sub.add_parser("limits", help="show or change an endpoint's rate limits")
     lsub = limits.add_subparsers(dest="limits_command", required=True)
@@ -135,9 +122,7 @@ def add_parser(subparsers) -> None:
 
 
 def _table(rows: list[tuple[str, ...]], indent: str = "") -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    table(rows, indent)
 
 
 def _ai_gateway(ep: dict) -> dict:
@@ -220,14 +205,7 @@ def _endpoint_path(name: str) -> str:
 
 
 def _run(fn, args) -> int:
-    try:
-        return fn(args)
-    except UsageError as exc:
-        print(f"fmapi endpoints: error: {exc}", file=sys.stderr)
-        return 2
-    except CliError as exc:
-        print(f"fmapi endpoints: {exc}", file=sys.stderr)
-        return 1
+    return run_command(fn, args, "fmapi endpoints")
 
 
 def list_command(args) -> int:
@@ -393,3 +371,27 @@ def limits_set_command(args) -> int:
         return 0
 
     return _run(go, args)
+
+
+def payloads_command(args) -> int:
+    def go(args) -> int:
+        query = urlencode({"since": args.since, "limit": args.limit})
+        data = _request(args, "GET", f"{_endpoint_path(args.name)}/inference-table?{query}")
+        rows = data.get("rows") or []
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return 0
+        out = [("TIME", "REQUEST ID", "STATUS", "MS", "REQUESTER", "REQUEST", "RESPONSE")]
+        for r in rows:
+            out.append((str(r.get("request_time", "")), str(r.get("request_id", "")),
+                        str(r.get("status_code", "")), str(r.get("execution_time_ms", "")),
+                        str(r.get("requester", "")), _clip(r.get("request_json") or "-"),
+                        _clip(r.get("response_json") or r.get("logging_error_codes") or "-")))
+        table(out)
+        return 0
+
+    return _run(go, args)
+
+
+def _clip(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

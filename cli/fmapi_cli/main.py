@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import dev, endpoints, tokens
+from . import dev, endpoints, tokens, usage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_parser(sub)
     tokens.add_parser(sub)
     endpoints.add_parser(sub)
+    usage.add_parser(sub)
     try:
         from . import models
     except ImportError:  # the generation extra is not installed

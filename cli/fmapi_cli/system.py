@@ -70,6 +70,8 @@ class SystemOptions:
     # quota service (gateway i uses quota replica i mod quotas).
     gateways: int = 1
     quotas: int = 1
+    # The SQL store of usage records and inference tables (default: SQLite in runtime_dir).
+    usage_database_url: str | None = None
     ready_timeout: float = 300.0
 
 
@@ -92,6 +94,7 @@ class System:
         self.pki_dir = Path(opts.pki_dir or self.run_dir / "pki")
         self.sup = Supervisor(self.run_dir / "logs")
         self.ports: dict[str, int] = {}
+        self._specs: dict[str, tuple] = {}  # name -> how it was spawned (for restart)
         self.redis_url = ""
         self.http_port = 0
 
@@ -113,6 +116,7 @@ class System:
                extra_ports: tuple[str, ...] = (), identity: str | None = None):
         """Start a service; returns a function that waits for its port(s). Every service also
         serves Prometheus metrics on a port of its own (``ports["<name>-metrics"]``)."""
+        self._specs[name] = (module, prefix, env, extra_ports, identity)
         pf = self._port_file(name)
         extra_ports = (*extra_ports, "metrics")
         files = {p: self._port_file(f"{name}-{p}") for p in extra_ports}
@@ -185,6 +189,12 @@ class System:
         )(30)
         routing_addr = f"127.0.0.1:{routing}"
         quota_addrs = [f"127.0.0.1:{wait(30)}" for wait in wait_quotas]
+        self.usage_database_url = (self.opts.usage_database_url
+                                   or f"sqlite:///{self.run_dir / 'usage.db'}")
+        wait_usage = self._spawn("usage", "fmapi_usage", "FMAPI_USAGE_",
+                                 {"FMAPI_USAGE_DATABASE_URL": self.usage_database_url,
+                                  "FMAPI_USAGE_REDIS_URL": self.redis_url})
+        usage_addr = f"127.0.0.1:{wait_usage(60)}"
         auth_addr = f"127.0.0.1:{wait_auth(30)}"
         # Model servers load in parallel; each registers with routing once it is ready.
         waits = [self._spawn(
@@ -205,6 +215,7 @@ class System:
             _replica("gateway", i), "fmapi_gateway", "FMAPI_GATEWAY_",
             {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr, "FMAPI_GATEWAY_AUTH_ADDR": auth_addr,
              "FMAPI_GATEWAY_QUOTA_ADDR": quota_addrs[i % len(quota_addrs)],
+             "FMAPI_GATEWAY_USAGE_ADDR": usage_addr,
              "FMAPI_GATEWAY_UNMETERED": "false" if self.opts.metered else "true",
              "FMAPI_GATEWAY_IDENTITY_KEY": self.identity_key,
              # The public gRPC API offers reflection (through Envoy, with a token).
@@ -295,6 +306,21 @@ class System:
         transport = httpx.HTTPTransport(uds=str(socket or self.envoy_admin_socket))
         with httpx.Client(transport=transport, base_url="http://envoy-admin", timeout=5) as c:
             return c.request(method, path)
+
+    def child(self, name: str):
+        return next(c for c in reversed(self.sup.children) if c.name == name)
+
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        """Start service ``name`` again as it was started (after a test killed it), on the same
+        gRPC port (its callers keep their address); wait until it listens."""
+        old = self.child(name)
+        if old.alive():
+            old.proc.kill()
+            old.proc.wait(10)
+        self.sup.children.remove(old)
+        module, prefix, env, extra_ports, identity = self._specs[name]
+        env = {**env, f"{prefix}PORT": str(self.ports[name])}
+        self._spawn(name, module, prefix, env, extra_ports, identity)(timeout)
 
     def metric(self, service: str, name: str, **labels: str) -> float:
         """The sum of a Prometheus sample of one service's process over the given labels."""

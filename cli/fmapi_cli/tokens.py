@@ -28,7 +28,8 @@ DEV_TOKEN_FILE = Path(".fmapi") / "dev-token"
 REPO_DEV_TOKEN_FILE = Path(__file__).resolve().parents[2] / DEV_TOKEN_FILE
 
 
-def add_parser(subparsers) -> None:
+def common_options() -> argparse.ArgumentParser:
+    """--url, --token and --timeout: every CLI command that calls the REST API takes them."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
@@ -38,9 +39,14 @@ def add_parser(subparsers) -> None:
     common.add_argument(
         "--token",
         default=None,
-        help=f"admin API token (env FMAPI_TOKEN, default: the contents of {DEV_TOKEN_FILE})",
+        help=f"API token (env FMAPI_TOKEN, default: the contents of {DEV_TOKEN_FILE})",
     )
     common.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds")
+    return common
+
+
+def add_parser(subparsers) -> None:
+    common = common_options()
 
     tokens = subparsers.add_parser("tokens", help="create, list and revoke API tokens")
     sub = tokens.add_subparsers(dest="tokens_command", required=True)
@@ -91,6 +97,10 @@ class CliError(Exception):
     pass
 
 
+class UsageError(CliError):
+    """A mistake in the command line or an input file: exit status 2, nothing sent."""
+
+
 def resolve_token(explicit: str | None) -> str:
     if explicit:
         return explicit.strip()
@@ -105,7 +115,7 @@ def resolve_token(explicit: str | None) -> str:
     )
 
 
-def _request(args, method: str, path: str, body: dict | None = None) -> dict:
+def request(args, method: str, path: str, body: dict | None = None) -> dict:
     import httpx
 
     token = resolve_token(args.token)
@@ -144,12 +154,27 @@ def _when(ms) -> str:
 # ---------------------------------------------------------------- commands
 
 
-def _run(fn, args) -> int:
+def run_command(fn, args, prog: str) -> int:
+    """``fn(args)``'s exit status; a refused or failed call is 1, a usage error 2."""
     try:
         return fn(args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     except CliError as exc:
-        print(f"fmapi tokens: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+
+
+def _run(fn, args) -> int:
+    return run_command(fn, args, "fmapi tokens")
+
+
+def table(rows: list[tuple[str, ...]], indent: str = "") -> None:
+    """Columns aligned, the first row a header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def create_command(args) -> int:
@@ -167,7 +192,7 @@ def create_command(args) -> int:
             body["endpoints"] = args.endpoints
         if args.admin:
             body["admin"] = True
-        data = _request(args, "POST", "/api/2.0/token/create", body)
+        data = request(args, "POST", "/api/2.0/token/create", body)
         secret = data.get("token_value")
         if not secret:
             raise CliError("the response carries no token_value")
@@ -189,7 +214,7 @@ def create_command(args) -> int:
 
 def list_command(args) -> int:
     def go(args) -> int:
-        data = _request(args, "GET", "/api/2.0/token/list")
+        data = request(args, "GET", "/api/2.0/token/list")
         infos = data.get("token_infos") or []
         if args.json:
             print(json.dumps(infos, indent=2))
@@ -209,9 +234,7 @@ def list_command(args) -> int:
                     _when(t.get("last_used_time")),
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        table(rows)
         return 0
 
     return _run(go, args)
@@ -219,7 +242,7 @@ def list_command(args) -> int:
 
 def revoke_command(args) -> int:
     def go(args) -> int:
-        _request(args, "POST", "/api/2.0/token/delete", {"token_id": args.token_id})
+        request(args, "POST", "/api/2.0/token/delete", {"token_id": args.token_id})
         print(f"revoked token {args.token_id}", file=sys.stderr)
         return 0
 

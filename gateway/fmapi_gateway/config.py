@@ -22,6 +22,8 @@ class GatewayConfig(ServiceConfig):
     # The quota service: every inference request is admitted and settled there (required: no
     # request runs unmetered).
     quota_addr: str
+    # The usage service (usage totals, inference tables); unset: those APIs answer 503.
+    usage_addr: str | None = None
     # Benchmarks only: serve without admission or settlement, to measure what metering costs.
     # Never in a deployment (requests would run unmetered and unlimited).
     unmetered: bool = False

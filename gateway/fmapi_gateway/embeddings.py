@@ -79,14 +79,25 @@ async def embed(
     meter = await backends.quota.admit(
         tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,
         output_tokens=0, streaming=False, input_param="input",
+        input_characters=sum(len(x) for x in inputs if isinstance(x, str)),
     )
     try:
         resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
     except BaseException as exc:
         meter.settle(output_tokens=0, status_code=status_of(exc))
         raise
-    meter.settle(output_tokens=0, status_code=200, input_tokens=resp.input_tokens)
-    return _result(ep.name, res.model, resp, meter.headers)
+    result = _result(ep.name, res.model, resp, meter.headers)
+    meter.settle(output_tokens=0, status_code=200, input_tokens=resp.input_tokens,
+                 response=lambda: _logged(result))
+    return result
+
+
+def _logged(result: Embeddings) -> dict:
+    """The response as an inference table keeps it (OpenAI's shape, vectors as lists)."""
+    return {"object": "list", "model": result.endpoint,
+            "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
+                     for i, v in enumerate(result.vectors)],
+            "usage": {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens}}
 
 
 def _result(endpoint: str, model: str, resp: embedding_pb2.EmbedResponse,

@@ -58,6 +58,10 @@ class Run:
         # Tokens seen in deltas so far: what a run cut short is settled with.
         self.generated = 0
         self.finish_reason = ""
+        self.output_characters = 0
+        # Each choice's text and finish reason, kept only for an inference table.
+        self._texts: dict[int, str] | None = {} if meter is not None and meter.capture else None
+        self._finishes: dict[int, str] = {}
 
     async def read_firsts(self) -> None:
         """Every stream's first message: a refusal (bad parameter, no replica) surfaces here."""
@@ -85,8 +89,13 @@ class Run:
             self.completion_tokens += msg.usage.completion_tokens
         for d in msg.choices:
             self.generated += d.num_tokens
+            self.output_characters += len(d.text)
+            index = k * self.call.n + d.index
+            if self._texts is not None:
+                self._texts[index] = self._texts.get(index, "") + d.text
             if d.finish_reason:
                 self.finish_reason = pb.FinishReason.Name(d.finish_reason).removeprefix("FINISH_REASON_").lower()
+                self._finishes[index] = self.finish_reason
         if msg.choices and self.meter is not None:
             self.meter.first_token()
         return [Event(k * self.call.n + d.index, d) for d in msg.choices]
@@ -142,7 +151,30 @@ class Run:
             finish = self.finish_reason if status_code == 200 else (
                 "cancelled" if status_code == CLIENT_CLOSED else "error")
             self.meter.settle(output_tokens=max(self.completion_tokens, self.generated),
-                              status_code=status_code, finish_reason=finish)
+                              status_code=status_code, finish_reason=finish,
+                              output_characters=self.output_characters, response=self._aggregate)
+
+    def _aggregate(self) -> dict:
+        """The whole response as one object (a streamed one aggregated): the inference table's
+        copy."""
+        texts = self._texts or {}
+        if self.call.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "finish_reason": self._finishes.get(i)} for i in sorted(texts)]
+        else:
+            choices = [{"index": i, "text": texts[i], "finish_reason": self._finishes.get(i)}
+                       for i in sorted(texts)]
+        return {"id": self.id, "object": "chat.completion" if self.call.chat else "text_completion",
+                "model": self.endpoint, "choices": choices,
+                "usage": {"prompt_tokens": self.prompt_tokens,
+                          "completion_tokens": self.completion_tokens}}
+
+
+def _characters(req: pb.GenerateRequest) -> int:
+    """Characters of a request's input (the usage record's input_character_count)."""
+    if req.HasField("chat"):
+        return sum(len(m.content) for m in req.chat.messages)
+    return len(req.prompt)
 
 
 async def start(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags) -> Run:
@@ -165,6 +197,7 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
             input_tokens=sum(c.prompt_tokens for c in counts),
             output_tokens=sum(c.max_output_tokens for c in counts),
             streaming=call.stream, input_param="messages" if call.chat else "prompt",
+            input_characters=sum(_characters(r) for r in call.requests),
         )
     streams = [open_generation(backends, res.replica.address, req, cap) for req in call.requests]
     run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap, meter=meter,

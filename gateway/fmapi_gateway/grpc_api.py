@@ -7,6 +7,8 @@ import uuid
 
 from fmapi.inference.v1 import inference_pb2 as pb
 from fmapi.inference.v1 import inference_pb2_grpc
+from google.protobuf import json_format
+
 from fmapi.generation.v1 import generation_pb2 as gen_pb
 from fmapi_common.errors import InvalidArgument
 from fmapi_common.router import endpoint_ready
@@ -29,10 +31,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._key = identity_key
 
     @staticmethod
-    def _tags(context) -> UsageTags:
-        """The call's request id: Envoy's x-request-id (every call comes through Envoy)."""
+    def _tags(context, request=None) -> UsageTags:
+        """The call's request id: Envoy's x-request-id (every call comes through Envoy), and
+        the request (as JSON) for an inference table."""
         rid = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), "")
-        return UsageTags(rid if 0 < len(rid) <= 128 else uuid.uuid4().hex)
+        body = None if request is None else json_format.MessageToDict(
+            request, preserving_proto_field_name=True)
+        return UsageTags(rid if 0 < len(rid) <= 128 else uuid.uuid4().hex, body=body)
 
     def _caller(self, context, method: str):
         """The identity auth signed for this call of ``method`` (gRPC calls are POSTs)."""
@@ -49,7 +54,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._caller(context, "Embed"),
             request.endpoint,
             list(request.texts),
-            self._tags(context),
+            self._tags(context, request),
             dimensions=request.dimensions or None,
             instruction=request.instruction if request.HasField("instruction") else None,
         )
@@ -68,16 +73,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             messages=[gen_pb.ChatMessage(role=m.role, content=m.content) for m in request.messages]
         )
         req = gen_pb.GenerateRequest(chat=chat, sampling=_sampling(request.sampling))
-        async for resp in self._generate(context, "Chat", request.endpoint, req, chat=True, cls=pb.ChatResponse):
+        async for resp in self._generate(context, "Chat", request, req, chat=True, cls=pb.ChatResponse):
             yield resp
 
     async def Complete(self, request: pb.CompleteRequest, context):
         req = gen_pb.GenerateRequest(prompt=request.prompt, sampling=_sampling(request.sampling))
-        async for resp in self._generate(context, "Complete", request.endpoint, req, chat=False, cls=pb.CompleteResponse):
+        async for resp in self._generate(context, "Complete", request, req, chat=False, cls=pb.CompleteResponse):
             yield resp
 
-    async def _generate(self, context, method: str, endpoint: str, req, *, chat: bool, cls):
+    async def _generate(self, context, method: str, request, req, *, chat: bool, cls):
         ident = self._caller(context, method)
+        endpoint = request.endpoint
         if not endpoint:
             raise InvalidArgument("'endpoint' is required", param="endpoint")
         check_endpoint_name(endpoint, "endpoint")
@@ -87,7 +93,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             n=s.n if s.HasField("n") else 1, logprobs=False, chat=chat,
             max_tokens_given=s.HasField("max_tokens"),
         )
-        run = await generation.start(self._backends, ident, call, self._tags(context))
+        run = await generation.start(self._backends, ident, call, self._tags(context, request))
         status = 200
         try:
             if run.meter is not None:

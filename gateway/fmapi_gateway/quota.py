@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
+import orjson
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
@@ -84,19 +86,36 @@ class UsageTags:
     request_id: str
     client_request_id: str = ""
     usage_context: dict[str, str] = field(default_factory=dict)
+    # The request as the caller sent it (its body; never a header): the inference table's copy.
+    body: Mapping | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_body(cls, request_id: str, body: Mapping) -> UsageTags:
         """Databricks' ``client_request_id`` and ``usage_context`` from a request body."""
         return cls(request_id, _client_request_id(body.get("client_request_id")),
-                   _usage_context(body.get("usage_context")))
+                   _usage_context(body.get("usage_context")), body)
+
+
+# Payloads kept in an inference table: at most this many bytes of JSON each, else a marker.
+MAX_PAYLOAD_BYTES = 2**20
+
+
+def _payload_json(value, code: str) -> tuple[str, str]:
+    """(JSON text, "") or ("", ``code``) when it is over :data:`MAX_PAYLOAD_BYTES`."""
+    text = orjson.dumps(value, default=str)
+    if len(text) > MAX_PAYLOAD_BYTES:
+        return "", code
+    return text.decode(), ""
 
 
 class Meter:
-    """One admitted request: its rate-limit headers, and its settlement (exactly once)."""
+    """One admitted request: its rate-limit headers, and its settlement (exactly once). A
+    request sampled for its endpoint's inference table (``capture``: the sampling fraction) is
+    settled with its request and response."""
 
     def __init__(self, quota: Quota, request_id: str, endpoint: str, admitted: pb.AdmitResponse,
-                 started: float) -> None:
+                 started: float, capture: tuple[Mapping, float] | None = None) -> None:
+        self.capture = capture
         self._quota = quota
         self.request_id = request_id
         self.endpoint = endpoint
@@ -118,7 +137,8 @@ class Meter:
             self._first_token = time.monotonic()
 
     def settle(self, *, output_tokens: int, status_code: int, finish_reason: str = "",
-               input_tokens: int | None = None) -> None:
+               input_tokens: int | None = None, output_characters: int = 0,
+               response=None) -> None:
         """Settle once (later calls do nothing), in a task of its own: a caller being cancelled
         (a client gone away) never cancels its settlement."""
         if self._settled:
@@ -135,9 +155,19 @@ class Meter:
             if self._first_token is not None else 0,
             duration_ms=int((now - self._started) * 1000),
             finish_reason=finish_reason,
+            output_characters=max(0, output_characters),
         )
         if input_tokens is not None:
             req.input_tokens = input_tokens
+        if self.capture is not None:
+            body, fraction = self.capture
+            request_json, req_code = _payload_json(body, "REQUEST_PAYLOAD_TOO_LARGE")
+            response_json, resp_code = ("", "") if response is None else _payload_json(
+                response() if callable(response) else response, "RESPONSE_PAYLOAD_TOO_LARGE")
+            req.payload.CopyFrom(pb.Payload(
+                request_json=request_json, response_json=response_json,
+                logging_error_codes=",".join(c for c in (req_code, resp_code) if c),
+                sampling_fraction=fraction))
         self._quota.spawn(self._quota.settle(req))
 
 
@@ -184,6 +214,7 @@ class Quota:
         output_tokens: int,
         streaming: bool,
         input_param: str,
+        input_characters: int = 0,
     ) -> Meter:
         """Charge ``input_tokens`` and reserve ``output_tokens`` on every applicable limit, or
         raise (429 / 400 naming ``input_param`` or ``max_tokens`` / 503)."""
@@ -201,6 +232,7 @@ class Quota:
             client_request_id=tags.client_request_id,
             usage_context=tags.usage_context,
             rules=rules(endpoint.limits, caller.principal),
+            input_characters=input_characters,
         )
         if endpoint.capacity_mode == routing_pb2.CAPACITY_MODE_PROVISIONED_THROUGHPUT:
             # Admitted against the capacity the endpoint is provisioned up to.
@@ -219,7 +251,7 @@ class Quota:
             raise _admission_error(exc, input_param) from None
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
-        return Meter(self, tags.request_id, endpoint.name, resp, started)
+        return Meter(self, tags.request_id, endpoint.name, resp, started, _sampled(endpoint, tags))
 
     async def renew(self, request_id: str, endpoint: str) -> None:
         try:
@@ -241,6 +273,16 @@ class Quota:
         except grpc.aio.UsageError as exc:  # the channel closed under it (shutdown)
             log.error("settlement of request %s failed (%s): its lease will settle it",
                       req.request_id, exc)
+
+
+def _sampled(endpoint: routing_pb2.Endpoint, tags: UsageTags) -> tuple[Mapping, float] | None:
+    """The request's body and the sampling fraction when this request goes to the endpoint's
+    inference table (it keeps one, and this request falls in its sample)."""
+    table = endpoint.ai_gateway.inference_table
+    if not table.enabled or tags.body is None:
+        return None
+    fraction = table.sampling_fraction or 1.0
+    return (tags.body, fraction) if random.random() < fraction else None
 
 
 def _client_request_id(value) -> str:

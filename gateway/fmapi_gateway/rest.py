@@ -23,6 +23,7 @@ from .backends import Backends
 from .callers import IdentityMiddleware, require_admin, require_query
 from .config import GatewayConfig
 from .tokens_api import TokensApi
+from .usage_api import UsageApi
 from .embeddings import embed
 from .http_common import (
     JSON,
@@ -40,10 +41,12 @@ from .views import openai_model
 
 
 class Api:
-    def __init__(self, config: GatewayConfig, backends: Backends, tokens: TokensApi) -> None:
+    def __init__(self, config: GatewayConfig, backends: Backends, tokens: TokensApi,
+                 usage: UsageApi | None = None) -> None:
         self.config = config
         self.backends = backends
         self.tokens = tokens
+        self.usage_api = usage or UsageApi(None, None)
 
     # ---------------------------------------------------------------- inference
 
@@ -177,6 +180,19 @@ class Api:
                                   "usage_tracking_config, inference_table_config or fallback_config")
         return JSON(serving_endpoints.render_ai_gateway(await self._update(name, ep, paths)))
 
+    async def retire_endpoint(self, request: Request) -> JSON:
+        """fmapi's ``POST /api/2.0/fmapi/endpoints/{name}/retire`` ``{"replacement": NAME}``:
+        callers of the retired name are told to use the replacement."""
+        body = await self._admin_body(request)
+        name = path_endpoint(request, "name")
+        replacement = body.get("replacement")
+        if not isinstance(replacement, str) or not replacement:
+            raise InvalidArgument("'replacement' must name the endpoint callers should use",
+                                  param="replacement")
+        check_endpoint_name(replacement, "replacement")
+        ep = routing_pb2.Endpoint(retired=True, replacement=replacement)
+        return JSON(self._render(await self._update(name, ep, ["retired", "replacement"])))
+
     async def delete_serving_endpoint(self, request: Request) -> JSON:
         require_admin(caller(request))
         name = path_endpoint(request, "name")
@@ -213,6 +229,16 @@ class Api:
         ident = caller(request)
         eps = await self.backends.list_endpoints()
         return [e for e in eps if ident.admin or ident.may_query(e.name)]
+
+    # ---------------------------------------------------------------- usage
+
+    async def usage(self, request: Request) -> JSON:
+        return JSON(await self.usage_api.usage(caller(request), request.query_params))
+
+    async def inference_table(self, request: Request) -> JSON:
+        require_admin(caller(request))
+        name = path_endpoint(request, "name")
+        return JSON(await self.usage_api.payloads(name, request.query_params))
 
     # ---------------------------------------------------------------- tokens (admin)
 
@@ -289,8 +315,9 @@ def path_endpoint(request: Request, key: str) -> str:
     return name
 
 
-def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi) -> RequestContextMiddleware:
-    api = Api(config, backends, tokens)
+def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi,
+              usage: UsageApi | None = None) -> RequestContextMiddleware:
+    api = Api(config, backends, tokens, usage)
     routes = [
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/v1/embeddings", api.openai_embeddings, methods=["POST"]),
@@ -310,6 +337,10 @@ def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi) -> R
         Route("/api/2.0/serving-endpoints/{name}/ai-gateway", api.put_ai_gateway, methods=["PUT"]),
         Route("/api/2.0/serving-endpoints/{name}/openapi", api.get_openapi, methods=["GET"]),
         Route("/api/2.0/fmapi/endpoints/apply", api.apply_endpoints, methods=["POST"]),
+        Route("/api/2.0/usage", api.usage, methods=["GET"]),
+        Route("/api/2.0/serving-endpoints/{name}/inference-table", api.inference_table,
+              methods=["GET"]),
+        Route("/api/2.0/fmapi/endpoints/{name}/retire", api.retire_endpoint, methods=["POST"]),
         Route("/api/2.0/token/create", api.token_create, methods=["POST"]),
         Route("/api/2.0/token/list", api.token_list, methods=["GET"]),
         Route("/api/2.0/token/delete", api.token_delete, methods=["POST"]),

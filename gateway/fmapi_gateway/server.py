@@ -23,6 +23,7 @@ from .grpc_api import InferenceServicer
 from .quota import Quota
 from .rest import build_app
 from .tokens_api import TokensApi
+from .usage_api import UsageApi
 
 log = logging.getLogger(__name__)
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -72,6 +73,7 @@ async def serve(config: GatewayConfig) -> None:
                         quota=None if config.unmetered else Quota(config.quota_addr, tls))
     await backends.start()
     tokens = TokensApi(config.auth_addr, tls)
+    usage = UsageApi(config.usage_addr, tls)
     key = config.identity_key_bytes()
 
     def register(server):
@@ -93,7 +95,7 @@ async def serve(config: GatewayConfig) -> None:
     http_port = sock.getsockname()[1]
     http = _Server(
         uvicorn.Config(
-            build_app(config, backends, tokens),
+            build_app(config, backends, tokens, usage),
             loop="none",
             lifespan="off",
             access_log=False,
@@ -123,4 +125,5 @@ async def serve(config: GatewayConfig) -> None:
     await asyncio.gather(grpc_svc.stop(), http_task, return_exceptions=True)
     await backends.close()
     await tokens.close()
+    await usage.close()
     shutdown_telemetry()

@@ -73,6 +73,14 @@ def _count(value, param: str) -> int:
     return value
 
 
+def _fraction(value, param: str) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise InvalidArgument(f"'{param}' must be a number in (0, 1]", param=param)
+    return float(value)
+
+
 def _bool(value, param: str) -> bool:
     if value is None:
         return False
@@ -176,7 +184,8 @@ def ai_gateway(body: Mapping, param: str = "ai_gateway") -> tuple[pb.Endpoint, l
             enabled=_bool(cfg.get("enabled"), f"{where}.enabled"),
             catalog_name=_str(cfg.get("catalog_name"), f"{where}.catalog_name"),
             schema_name=_str(cfg.get("schema_name"), f"{where}.schema_name"),
-            table_name_prefix=_str(cfg.get("table_name_prefix"), f"{where}.table_name_prefix")))
+            table_name_prefix=_str(cfg.get("table_name_prefix"), f"{where}.table_name_prefix"),
+            sampling_fraction=_fraction(cfg.get("sampling_fraction"), f"{where}.sampling_fraction")))
         paths.append("ai_gateway.inference_table")
     if "fallback_config" in body:
         where = f"{param}.fallback_config"

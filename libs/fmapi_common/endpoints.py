@@ -92,6 +92,8 @@ class InferenceTableConfig(_Strict):
     catalog_name: str = Field("", max_length=255)
     schema_name: str = Field("", max_length=255)
     table_name_prefix: str = Field("", max_length=255)
+    # Share of requests kept, in (0, 1]; 0 = every request.
+    sampling_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class AiGateway(_Strict):

@@ -36,7 +36,8 @@ QUOTA = "quota"
 GATEWAY = "gateway"
 GENERATION = "generation"
 EMBEDDING = "embedding"
-IDENTITIES = (ENVOY, AUTH, ROUTING, QUOTA, GATEWAY, GENERATION, EMBEDDING)
+USAGE = "usage"
+IDENTITIES = (ENVOY, AUTH, ROUTING, QUOTA, GATEWAY, GENERATION, EMBEDDING, USAGE)
 #: Model servers: the only identities that may register replicas with routing.
 MODEL_SERVERS = (GENERATION, EMBEDDING)
 

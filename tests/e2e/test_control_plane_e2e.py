@@ -287,3 +287,19 @@ endpoints:
     assert main(["endpoints", "delete", "cli-ep", *common]) == 0
     assert main(["endpoints", "get", "cli-ep", *common]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_endpoint_retired_through_the_api_names_its_replacement(w, http):
+    w.serving_endpoints.create(name="old-embed", config=serving.EndpointCoreConfigInput(
+        name="old-embed", served_entities=[serving.ServedEntityInput(entity_name="emb-a")])).result()
+    try:
+        assert _embed(http, "old-embed").status_code == 200
+        r = http.post("/api/2.0/fmapi/endpoints/old-embed/retire", json={"replacement": "ghost"})
+        assert r.status_code == 400 and "ghost" in r.json()["message"]
+        r = http.post("/api/2.0/fmapi/endpoints/old-embed/retire",
+                      json={"replacement": "all-minilm-l6-v2"})
+        assert r.status_code == 200 and r.json()["replacement"] == "all-minilm-l6-v2"
+        r = _embed(http, "old-embed")
+        assert r.status_code == 400 and "use 'all-minilm-l6-v2' instead" in r.json()["message"]
+    finally:
+        w.serving_endpoints.delete("old-embed")

@@ -75,6 +75,11 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
     sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(sup.stdout.readline())
     assert _alive(child)
+    # Once the child runs its own program (setpriv has set the signal and exec'd it).
+    deadline = time.monotonic() + 5
+    while b"sleep" not in open(f"/proc/{child}/cmdline", "rb").read().split(b"\0")[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     sup.send_signal(signal.SIGKILL)
     sup.wait()
     deadline = time.monotonic() + 5

@@ -32,6 +32,9 @@ MAX_ID = 128
 MAX_NAME = 256
 MAX_CONTEXT_ENTRIES, MAX_CONTEXT_KEY, MAX_CONTEXT_VALUE = 16, 64, 256
 MAX_TOKENS = 2**40  # far above any real request; keeps every float in the scripts exact
+# Request and response kept for an inference table: 1 MiB each at most (the gateway drops larger
+# ones with a marker), so both together stay under the gRPC message limit.
+MAX_PAYLOAD_CHARS = 2 * 2**20 + 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Admission:
     # Provisioned throughput (0 = pay-per-token); burst 0 = the service's default.
     tokens_per_second: int = 0
     burst_seconds: float = 0.0
+    input_characters: int = 0
 
     def record_fields(self) -> list[tuple[str, str]]:
         """The usage record's fields known at admission (the outcome is added at settlement)."""
@@ -85,6 +89,7 @@ class Admission:
             ("token_id", c.token_id),
             ("workspace", c.workspace),
             ("streaming", "1" if self.streaming else "0"),
+            ("input_characters", str(self.input_characters)),
         ]
 
 
@@ -130,6 +135,18 @@ class Settlement:
     time_to_first_token_ms: int = 0
     duration_ms: int = 0  # 0: measured from admission
     finish_reason: str = ""
+    output_characters: int = 0
+    # The inference-table entry (request JSON, response JSON, error codes, sampling fraction).
+    payload: tuple[str, str, str, float] | None = None
+
+    def extra_fields(self) -> list[str]:
+        """Record fields beyond the outcome: field, value, ..."""
+        out = ["output_characters", str(self.output_characters)]
+        if self.payload is not None:
+            req, resp, codes, fraction = self.payload
+            out += ["payload_request", req, "payload_response", resp, "payload_errors", codes,
+                    "payload_sampling", repr(fraction)]
+        return out
 
 
 def check_endpoint(name: str) -> None:
@@ -172,7 +189,8 @@ def validate(a: Admission) -> None:
             f"{MAX_CONTEXT_KEY} and values up to {MAX_CONTEXT_VALUE} characters",
             param="usage_context",
         )
-    _check_counts(input_tokens=a.input_tokens, reserved_output_tokens=a.reserved_output_tokens)
+    _check_counts(input_tokens=a.input_tokens, reserved_output_tokens=a.reserved_output_tokens,
+                  input_characters=a.input_characters)
     kinds = [r.key for r in a.rules]
     if len(set(kinds)) != len(kinds):
         raise InvalidArgument("at most one rule per key", param="rules")
@@ -188,7 +206,13 @@ def validate(a: Admission) -> None:
 def validate_settlement(s: Settlement) -> None:
     check_request(s.request_id, s.endpoint)
     _check_counts(output_tokens=s.output_tokens, input_tokens=s.input_tokens or 0,
-                  time_to_first_token_ms=s.time_to_first_token_ms, duration_ms=s.duration_ms)
+                  time_to_first_token_ms=s.time_to_first_token_ms, duration_ms=s.duration_ms,
+                  output_characters=s.output_characters)
+    if s.payload is not None:
+        req, resp, codes, fraction = s.payload
+        if len(req) + len(resp) > MAX_PAYLOAD_CHARS or len(codes) > 256 or not 0 < fraction <= 1:
+            raise InvalidArgument(f"a payload holds at most {MAX_PAYLOAD_CHARS} characters and a "
+                                  "sampling fraction in (0, 1]", param="payload")
     if not 0 <= s.status_code <= 999:
         raise InvalidArgument("'status_code' must be an HTTP status", param="status_code")
     if len(s.finish_reason) > 64:

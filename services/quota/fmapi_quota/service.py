@@ -92,7 +92,7 @@ class QuotaService:
         out = await self._store.settle(
             s.endpoint, s.request_id, output_tokens=s.output_tokens, input_tokens=s.input_tokens,
             status_code=s.status_code, ttft_ms=s.time_to_first_token_ms,
-            duration_ms=s.duration_ms, finish_reason=s.finish_reason,
+            duration_ms=s.duration_ms, finish_reason=s.finish_reason, extra=s.extra_fields(),
         )
         if out == "unknown":
             raise NotFound(f"no reservation for request {s.request_id!r} on endpoint "

@@ -33,6 +33,7 @@ def admission_from_pb(req: pb.AdmitRequest) -> Admission:
         caller=Caller(req.caller.principal, kind, req.caller.token_id, req.caller.workspace),
         input_tokens=req.input_tokens,
         reserved_output_tokens=req.reserved_output_tokens,
+        input_characters=req.input_characters,
         streaming=req.streaming,
         client_request_id=req.client_request_id,
         usage_context=dict(req.usage_context),
@@ -70,6 +71,10 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             time_to_first_token_ms=request.time_to_first_token_ms,
             duration_ms=request.duration_ms,
             finish_reason=request.finish_reason,
+            output_characters=request.output_characters,
+            payload=(request.payload.request_json, request.payload.response_json,
+                     request.payload.logging_error_codes, request.payload.sampling_fraction)
+            if request.HasField("payload") else None,
         ))
         return pb.SettleResponse(already_settled=already)
 

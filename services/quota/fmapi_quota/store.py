@@ -94,10 +94,12 @@ local function record(rec_json, outcome)
   redis.call('XADD', unpack(args))
 end
 
-local function outcome(inp, out, status, start, dur, ttft, reason, expired)
-  return {'input_tokens', num(inp), 'output_tokens', num(out), 'status_code', status,
-          'start_ms', num(math.floor(start)), 'duration_ms', num(math.floor(dur)),
-          'ttft_ms', ttft, 'finish_reason', reason, 'expired', expired}
+local function outcome(inp, out, status, start, dur, ttft, reason, expired, extra)
+  local o = {'input_tokens', num(inp), 'output_tokens', num(out), 'status_code', status,
+             'start_ms', num(math.floor(start)), 'duration_ms', num(math.floor(dur)),
+             'ttft_ms', ttft, 'finish_reason', reason, 'expired', expired}
+  for _, v in ipairs(extra or {}) do table.insert(o, v) end
+  return o
 end
 
 -- Settle reservation `id` with what it really used (out, inp; nil = as reserved / charged):
@@ -105,7 +107,7 @@ end
 -- use above the reservation becomes debt), exactly one usage record is written, the
 -- reservation and its lease are dropped and the id is remembered as settled. False when no
 -- such reservation exists.
-local function settle(id, out, inp, status, ttft, dur, reason, expired, now)
+local function settle(id, out, inp, status, ttft, dur, reason, expired, now, extra)
   local res = P .. 'res:' .. id
   local h = redis.call('HMGET', res, 'rec', 'start', 'in', 'out', 'buckets')
   if not h[1] then return false end
@@ -120,7 +122,7 @@ local function settle(id, out, inp, status, ttft, dur, reason, expired, now)
     end
   end
   if dur <= 0 then dur = now - start end
-  record(h[1], outcome(inp, out, status, start, dur, ttft, reason, expired))
+  record(h[1], outcome(inp, out, status, start, dur, ttft, reason, expired, extra))
   -- What was refunded leaves the admitted-tokens rate as it entered it (decayed since).
   rate_add('used', -back.t * math.exp((start - now) / TAU), now)
   redis.call('DEL', res)
@@ -193,13 +195,14 @@ return {answer, num(now), 0, num(now + LEASE)}
 
 _SETTLE = r"""
 -- ARGV[6] request id, [7] output tokens, [8] input tokens (-1: as charged), [9] status code,
--- [10] time to first token ms, [11] duration ms (0: measured here), [12] finish reason.
+-- [10] time to first token ms, [11] duration ms (0: measured here), [12] finish reason,
+-- [13] more record fields (JSON list: field, value, ...).
 local now = now_ms()
 if redis.call('EXISTS', P .. 'done:' .. ARGV[6]) == 1 then return 'already' end
 local inp = tonumber(ARGV[8])
 if inp < 0 then inp = nil end
 if settle(ARGV[6], tonumber(ARGV[7]), inp, ARGV[9], ARGV[10], tonumber(ARGV[11]), ARGV[12], 0,
-          now) then
+          now, cjson.decode(ARGV[13])) then
   return 'settled'
 end
 return 'unknown'
@@ -327,11 +330,11 @@ class QuotaStore:
 
     async def settle(self, endpoint: str, request_id: str, *, output_tokens: int,
                      input_tokens: int | None, status_code: int, ttft_ms: int,
-                     duration_ms: int, finish_reason: str) -> str:
+                     duration_ms: int, finish_reason: str, extra: list[str] = ()) -> str:
         """'settled', 'already' (settled before, or refused at admission) or 'unknown'."""
         keys, args = self._call(endpoint)
         args += [request_id, output_tokens, -1 if input_tokens is None else input_tokens,
-                 status_code, ttft_ms, duration_ms, finish_reason]
+                 status_code, ttft_ms, duration_ms, finish_reason, json.dumps(list(extra))]
         with _fail_closed():
             return await self._settle(keys=keys, args=args)
 

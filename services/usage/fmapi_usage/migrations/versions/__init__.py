@@ -1,0 +1,1 @@
+"""Alembic revisions, oldest first by number. A revision, once released, never changes."""

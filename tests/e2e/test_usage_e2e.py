@@ -1,0 +1,196 @@
+"""Usage records and inference tables on the session's system (SQLite, as `make run` keeps
+them): one row per request with the tokens the client was told, a writer killed mid-drain that
+loses and duplicates nothing, sampled payloads, no secrets, and the usage API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from helpers.usage import check_mixed, rows, wait_rows
+
+
+@pytest.fixture(scope="module")
+def db(system) -> str:
+    return system.usage_database_url
+
+
+def test_every_request_leaves_one_row_with_what_its_client_was_told(http, db):
+    check_mixed(http, db)
+
+
+def test_a_writer_killed_mid_drain_loses_and_duplicates_nothing(system, http, db):
+    tag = f"kill-{uuid.uuid4().hex[:8]}"
+    n = 60
+    statuses: list[int] = []
+
+    def load():
+        with httpx.Client(base_url=system.base_url, timeout=60,
+                          headers={"authorization": f"Bearer {system.admin_token}"}) as c:
+            for i in range(n):
+                statuses.append(c.post("/v1/embeddings", json={
+                    "model": "all-minilm-l6-v2", "input": f"sentence {i}",
+                    "client_request_id": f"{tag}-{i}"}).status_code)
+
+    t = threading.Thread(target=load)
+    t.start()
+    while len(statuses) < n // 3:
+        time.sleep(0.01)
+    os.kill(system.child("usage").proc.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    system.restart("usage")
+    t.join(120)
+    assert statuses == [200] * n  # metering never depends on the writer
+    found = wait_rows(db, tag, n)
+    ids = [r["client_request_id"] for r in found]
+    assert len(ids) == n and len(set(ids)) == n
+
+
+def _table(db: str, name: str) -> list[dict]:
+    engine = sa.create_engine(db)
+    try:
+        with engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(sa.text(f'SELECT * FROM "{name}"'))]
+    finally:
+        engine.dispose()
+
+
+def _wait_table(db: str, name: str, n: int, timeout: float = 30.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = _table(db, name)
+        except sa.exc.OperationalError:  # not created yet
+            found = []
+        if len(found) >= n or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_an_inference_table_keeps_its_sample_of_requests(http, db):
+    n = 400
+    for i in range(n):
+        r = http.post("/serving-endpoints/u-logged/invocations", json={"input": f"logged {i}"})
+        assert r.status_code == 200
+    deadline = time.monotonic() + 30
+    while len(rows(db, "endpoint_name = 'u-logged'")) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    kept = _table(db, "u_logged_payload")
+    # Binomial(400, 0.5): mean 200, standard deviation 10; 4.5 of them either way.
+    assert 155 <= len(kept) <= 245, len(kept)
+    row = kept[0]
+    body = json.loads(row["request"])
+    assert body["input"].startswith("logged ") and row["sampling_fraction"] == 0.5
+    assert len(json.loads(row["response"])["data"][0]["embedding"]) == 384
+
+
+def test_a_streamed_response_is_stored_whole(http, db):
+    crid = f"logged-stream-{uuid.uuid4().hex[:8]}"
+    text = ""
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": "u-logged-chat", "stream": True, "max_tokens": 12, "client_request_id": crid,
+            "messages": [{"role": "user", "content": "tell me"}]}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for ch in json.loads(line[6:])["choices"]:
+                    text += ch["delta"].get("content") or ""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        kept = [r for r in _wait_table(db, "chat_log_payload", 1) if r["client_request_id"] == crid]
+        if kept:
+            break
+        time.sleep(0.2)
+    (row,) = kept
+    response = json.loads(row["response"])
+    assert response["choices"][0]["message"]["content"] == text and text
+    assert json.loads(row["request"])["messages"][0]["content"] == "tell me"
+
+
+def test_no_token_secret_in_any_table(system, http, db):
+    made = http.post("/api/2.0/token/create", json={"comment": "secret check"}).json()
+    secret = made["token_value"]
+    with httpx.Client(base_url=system.base_url, timeout=60,
+                      headers={"authorization": f"Bearer {secret}"}) as c:
+        for name in ("u-logged", "u-logged-chat"):
+            body = ({"input": "s"} if name == "u-logged"
+                    else {"messages": [{"role": "user", "content": "s"}]})
+            for _ in range(4):
+                assert c.post(f"/serving-endpoints/{name}/invocations", json=body).status_code == 200
+    time.sleep(2)
+    engine = sa.create_engine(db)
+    try:
+        with engine.connect() as c:
+            tables = sa.inspect(engine).get_table_names()
+            assert {"endpoint_usage", "served_entities", "u_logged_payload"} <= set(tables)
+            for table in tables:
+                for row in c.execute(sa.text(f'SELECT * FROM "{table}"')):
+                    text = " ".join(str(v) for v in row)
+                    for s in (secret, system.admin_token):
+                        assert s not in text, table
+                        assert s[-12:] not in text, table
+    finally:
+        engine.dispose()
+
+
+def test_served_entities_follow_the_registry(db):
+    engine = sa.create_engine(db)
+    try:
+        with engine.connect() as c:
+            got = {(r.endpoint_name, r.model) for r in c.execute(
+                sa.text("SELECT endpoint_name, model FROM served_entities"))}
+    finally:
+        engine.dispose()
+    assert ("tiny-chat", "tiny") in got and ("all-minilm-l6-v2", "all-minilm-l6-v2") in got
+
+
+def test_usage_api_shows_callers_their_own_and_admins_everything(system, http, db):
+    made = http.post("/api/2.0/token/create", json={
+        "comment": "usage reader", "principal": "usage-alice",
+        "endpoints": ["all-minilm-l6-v2"]}).json()
+    with httpx.Client(base_url=system.base_url, timeout=60,
+                      headers={"authorization": f"Bearer {made['token_value']}"}) as alice:
+        for _ in range(3):
+            assert alice.post("/v1/embeddings", json={"model": "all-minilm-l6-v2",
+                                                      "input": "mine"}).status_code == 200
+        deadline = time.monotonic() + 20
+        while len(rows(db, "requester = 'usage-alice'")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        mine = alice.get("/api/2.0/usage", params={"since": "1h", "by": "principal,endpoint"}).json()
+        assert mine["principal"] == "usage-alice"
+        assert [(g["principal"], g["endpoint"], g["requests"]) for g in mine["groups"]] == [
+            ("usage-alice", "all-minilm-l6-v2", 3)]
+        assert alice.get("/api/2.0/serving-endpoints/u-logged/inference-table").status_code == 403
+
+    everyone = http.get("/api/2.0/usage", params={"since": "1h", "by": "endpoint,principal,day"})
+    assert everyone.status_code == 200, everyone.text
+    groups = everyone.json()["groups"]
+    raw = rows(db)
+    assert sum(g["requests"] for g in groups) == len(raw)
+    assert sum(g["input_tokens"] for g in groups) == sum(r["input_token_count"] for r in raw)
+    assert sum(g["output_tokens"] for g in groups) == sum(r["output_token_count"] for r in raw)
+    assert len({g["principal"] for g in groups}) >= 2
+    # An empty window sums to nothing; a bad grouping is a 400 naming it.
+    assert http.get("/api/2.0/usage", params={"since": "2000-01-01", "until": "2000-01-02",
+                                              "by": "endpoint"}).json()["groups"] == []
+    r = http.get("/api/2.0/usage", params={"by": "colour"})
+    assert r.status_code == 400 and "colour" in r.json()["message"]
+
+
+def test_payloads_and_usage_through_the_cli(system, capsys):
+    from fmapi_cli.main import main
+
+    common = ["--url", system.base_url, "--token", system.admin_token]
+    assert main(["usage", "--since", "1h", "--by", "endpoint", "--format", "csv", *common]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("endpoint,requests,input_tokens")
+    assert any(line.startswith("all-minilm-l6-v2,") for line in out[1:])
+    assert main(["endpoints", "payloads", "u-logged", "--limit", "3", "--json", *common]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 3
