@@ -6,7 +6,6 @@ and no routing call on the request path."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
 
@@ -19,33 +18,16 @@ from databricks.sdk.service import serving
 
 from fmapi.routing.v1 import routing_pb2 as pb
 from fmapi.routing.v1 import routing_pb2_grpc
-from fmapi_cli.system import System, SystemOptions
 from fmapi_common.channels import make_channel
 from fmapi_common.tls import ROUTING
 
-ENDPOINTS = """
-endpoints:
-  - name: all-minilm-l6-v2
-    task: llm/v1/embeddings
-    served_entities: [{model: all-minilm-l6-v2}]
-"""
-# One embedding server hosting the same small model under three names, so traffic splits and
-# fallbacks between "models" can be observed (x-fmapi-served-model names the one that answered).
-MODELS = {"all-minilm-l6-v2": "package", "emb-a": "package", "emb-b": "package"}
 ROUTING_READS = ("ResolveEndpoint", "GetEndpoint", "ListEndpoints", "ListReplicas")
 
 
 @pytest.fixture(scope="module")
-def cp(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("control-plane")
-    (run_dir / "endpoints.yaml").write_text(ENDPOINTS)
-    s = System(SystemOptions(
-        runtime_dir=run_dir, http_port=0, endpoints_file=run_dir / "endpoints.yaml",
-        gateways=2, quotas=2, embedding_env={"FMAPI_EMBEDDING_MODELS": json.dumps(MODELS)},
-    ))
-    s.start()
-    yield s
-    s.stop()
+def cp(replicated):
+    """The session's replicated system (tests/e2e/conftest.py): two gateways, two quota replicas."""
+    return replicated
 
 
 @pytest.fixture(scope="module")

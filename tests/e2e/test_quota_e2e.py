@@ -12,7 +12,8 @@ import time
 import httpx
 import openai
 import pytest
-import redis
+
+from helpers.usage import records
 
 LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
                  "x-ratelimit-reset-requests")
@@ -40,12 +41,7 @@ def assert_429(r: httpx.Response) -> None:
 
 
 def usage_records(system, endpoint: str) -> list[dict]:
-    client = redis.Redis(unix_socket_path=system.redis_url.removeprefix("unix://"),
-                         decode_responses=True)
-    try:
-        return [fields for _, fields in client.xrange(f"fmapi:quota:{{{endpoint}}}:usage")]
-    finally:
-        client.close()
+    return records(system, endpoint)
 
 
 def test_a_request_limit_is_exact_under_200_concurrent_callers(system):
@@ -77,7 +73,10 @@ def test_a_request_limit_is_exact_under_200_concurrent_callers(system):
         assert_429(r)
     # The bucket refills at limit/60 per second while the burst runs: at most that much more.
     assert limit <= len(ok) <= limit + int(elapsed * limit / 60) + 1, (len(ok), elapsed)
-    records = [u for u in usage_records(system, "q-embed-ceiling")]
+    deadline = time.monotonic() + 30  # the usage writer moves records to SQL within a second
+    while len(records := usage_records(system, "q-embed-ceiling")) < callers:
+        assert time.monotonic() < deadline, len(records)
+        time.sleep(0.2)
     assert sum(u["status_code"] == "200" for u in records) == len(ok)
     assert sum(u["status_code"] == "429" for u in records) == len(refused)
     assert len({u["request_id"] for u in records}) == callers  # one record per request

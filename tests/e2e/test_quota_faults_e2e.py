@@ -10,11 +10,10 @@ import time
 
 import httpx
 import pytest
-import redis
 
 from fmapi_cli.system import GenerationSpec, System, SystemOptions
-
 from helpers.tiny_llm import TINY_ENGINE_ENV
+from helpers.usage import records
 
 ENDPOINTS = """
 endpoints:
@@ -49,12 +48,7 @@ def _child(system, name):
 
 
 def _records(system, endpoint: str) -> list[dict]:
-    client = redis.Redis(unix_socket_path=system.redis_url.removeprefix("unix://"),
-                         decode_responses=True)
-    try:
-        return [f for _, f in client.xrange(f"fmapi:quota:{{{endpoint}}}:usage")]
-    finally:
-        client.close()
+    return records(system, endpoint)
 
 
 def _headers(system) -> dict[str, str]:

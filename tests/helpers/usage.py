@@ -101,3 +101,20 @@ def check_mixed(http: httpx.Client, url: str) -> None:
     embed = found[f"{tag}-embed-0"]
     assert embed["input_character_count"] == len("a cat") + len("a dog on a mat")
     assert embed["endpoint_name"] == "all-minilm-l6-v2" and embed["requester"]
+
+
+def records(system, endpoint: str) -> list[dict[str, str]]:
+    """An endpoint's usage records as the quota service wrote them to its stream (string
+    fields), read from where they end up: the SQL table the usage writer keeps (the writer
+    deletes them from Redis once written)."""
+    out = []
+    for r in rows(system.usage_database_url, "endpoint_name = :e", e=endpoint):
+        out.append({
+            "request_id": r["request_id"], "client_request_id": r["client_request_id"],
+            "status_code": str(r["status_code"]), "principal": r["requester"],
+            "input_tokens": str(r["input_token_count"]),
+            "output_tokens": str(r["output_token_count"]),
+            "streaming": "1" if r["request_streaming"] else "0",
+            "expired": "1" if r["settled_by_lease"] else "0",
+        })
+    return out

@@ -583,7 +583,7 @@ async def test_count_tokens_matches_what_generate_charges(stub):
 
 
 async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
-    """A short request sent while a ~6700-token prompt prefills gets its first token long before
+    """A short request sent while a ~8000-token prompt prefills gets its first token long before
     that prefill ends; and the long request is accepted (its first, empty message) at once.
 
     Measured on this 2-core machine (other tests running beside it) with the tiny model:
@@ -596,10 +596,12 @@ async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
     - FMAPI_GENERATION_ENABLE_CHUNKED_PREFILL=false: long 5.70 s, short 5.49 s.
     Without the fix the short request waits for the whole prefill (ratio ~0.96); with it the
     ratio is ~0.08. Ratios, not seconds, are asserted (short < 0.35 x long), so a slower or
-    busier machine does not fail the test.
+    busier machine does not fail the test. A CPU with AMX prefills this model some 15 times
+    faster (8000 tokens in about 0.45 s), so the short request follows the long one at once and
+    the long prefill need only be long enough for the ratio to mean something.
     """
     long_req = pb.GenerateRequest(
-        prompt=words_prompt(tokenizer, 6000, seed=5),
+        prompt=words_prompt(tokenizer, MAX_MODEL_LEN - 256, seed=5),
         sampling=pb.SamplingParams(max_tokens=1, temperature=0),
         max_prompt_tokens=MAX_MODEL_LEN,  # an endpoint that allows it
     )
@@ -619,7 +621,7 @@ async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
         return first, time.monotonic() - t0
 
     long_task = asyncio.create_task(first_token_and_end(long_call, start))
-    await asyncio.sleep(0.2)  # the long prefill is under way
+    await asyncio.sleep(0.02)  # the long prefill is under way (it was accepted)
     short_start = time.monotonic()
     short_ttft, short_done = await first_token_and_end(stub.Generate(short_req), short_start)
     long_ttft, _ = await long_task
@@ -628,7 +630,7 @@ async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
         f"long: accepted {long_accepted:.2f}s, first token {long_ttft:.2f}s; "
         f"short: first token {short_ttft:.2f}s, done {short_done:.2f}s"
     )
-    assert long_ttft > 1.0, "the long prompt is too short to show anything on this machine"
+    assert long_ttft > 0.25, "the long prompt is too short to show anything on this machine"
     assert long_accepted < 0.25 * long_ttft  # headers need not wait for the prefill
     assert short_ttft < 0.35 * long_ttft
     assert short_done_at < long_ttft  # the short request is over before the long prefill is
