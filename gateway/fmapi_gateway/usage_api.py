@@ -35,7 +35,10 @@ def parse_time(value: str | None, param: str, now: datetime, default: datetime) 
     if value is None or value == "":
         return default
     if m := _AGO.match(value):
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        try:
+            return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        except OverflowError:
+            raise InvalidArgument(f"'{param}' reaches back before the year 1", param=param) from None
     try:
         when = datetime.fromisoformat(value)
     except ValueError:

@@ -26,8 +26,8 @@ class _Strict(BaseModel):
 
 
 class ServedEntity(_Strict):
-    name: str = ""
-    model: str
+    name: str = Field("", max_length=256)
+    model: str = Field(min_length=1, max_length=256)
     traffic_percentage: int = Field(100, ge=0, le=100)
 
 
@@ -110,7 +110,7 @@ MAX_TAGS = 64
 class Endpoint(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     task: Task
-    description: str = ""
+    description: str = Field("", max_length=4096)
     served_entities: list[ServedEntity] = Field(min_length=1)
     capacity_mode: CapacityMode = "pay_per_token"
     limits: Limits = Limits()
@@ -119,7 +119,7 @@ class Endpoint(_Strict):
     generation: GenerationSettings | None = None
     fallbacks: list[str] = Field([], max_length=16)
     retired: bool = False
-    replacement: str = ""
+    replacement: str = Field("", max_length=63)
     tags: dict[str, str] = Field({}, max_length=MAX_TAGS)
     ai_gateway: AiGateway = AiGateway()
     # Kept by the registry (ignored in declarations):

@@ -47,6 +47,7 @@ class RegistryView:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.closing = False
+        self._cache: dict[str, pb.Endpoint] = {}
 
     def live_models(self) -> set[str]:
         return self.current.live_models()
@@ -76,7 +77,10 @@ class RegistryView:
 
     async def rebuild(self) -> None:
         version, raw = await self._store.snapshot()
-        endpoints = [to_pb(Endpoint.model_validate_json(j)) for _, j in sorted(raw.items())]
+        # Each stored version is parsed once (rebuilds follow every replica's heartbeats).
+        self._cache = {j: self._cache.get(j) or to_pb(Endpoint.model_validate_json(j))
+                       for j in raw.values()}
+        endpoints = [self._cache[j] for _, j in sorted(raw.items())]
         live = await self._replicas.all_live()
         msg = pb.WatchRegistryResponse(version=version, endpoints=endpoints,
                                        static_replicas=self._static)
