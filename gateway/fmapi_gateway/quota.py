@@ -243,9 +243,10 @@ class Quota:
             # The admission may have happened with its answer lost: close it at once (a
             # settlement of an unknown request does nothing) rather than at its lease's end.
             status = CLIENT_CLOSED if isinstance(exc, asyncio.CancelledError) else 503
+            # It never ran: nothing charged stays charged.
             self.spawn(self.settle(pb.SettleRequest(request_id=tags.request_id,
                                                     endpoint=endpoint.name, status_code=status,
-                                                    finish_reason="not_run")))
+                                                    finish_reason="not_run", input_tokens=0)))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise _admission_error(exc, input_param) from None
