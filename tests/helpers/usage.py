@@ -108,7 +108,8 @@ def records(system, endpoint: str) -> list[dict[str, str]]:
     fields), read from where they end up: the SQL table the usage writer keeps (the writer
     deletes them from Redis once written)."""
     out = []
-    for r in rows(system.usage_database_url, "endpoint_name = :e ORDER BY request_time", e=endpoint):
+    where = "endpoint_name = :e ORDER BY request_time"
+    for r in rows(system.usage_database_url, where, e=endpoint):
         out.append({
             "request_id": r["request_id"], "client_request_id": r["client_request_id"],
             "status_code": str(r["status_code"]), "principal": r["requester"],
