@@ -29,6 +29,7 @@ from fmapi_common.tls import USAGE, TlsFiles
 _AGO = re.compile(r"^(\d{1,6})([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 DEFAULT_WINDOW = timedelta(days=7)
+MAX_PAYLOAD_ROWS = 1000
 
 
 def parse_time(value: str | None, param: str, now: datetime, default: datetime) -> datetime:
@@ -47,9 +48,12 @@ def parse_time(value: str | None, param: str, now: datetime, default: datetime) 
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def _ts(when: datetime) -> timestamp_pb2.Timestamp:
+def _ts(when: datetime, param: str) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(when)
+    try:
+        ts.FromDatetime(when)
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"'{param}' is outside the years 1 to 9999", param=param) from None
     return ts
 
 
@@ -75,7 +79,8 @@ class UsageApi:
         until = parse_time(query.get("until"), "until", now, now)
         since = parse_time(query.get("since"), "since", now, until - DEFAULT_WINDOW)
         by = [b for b in (query.get("by") or "").split(",") if b]
-        req = pb.QueryUsageRequest(since=_ts(since), until=_ts(until), group_by=by,
+        req = pb.QueryUsageRequest(since=_ts(since, "since"), until=_ts(until, "until"),
+                                   group_by=by,
                                    principal="" if caller.admin else caller.principal)
         resp = await self._call("QueryUsage", req)
         return {
@@ -93,9 +98,12 @@ class UsageApi:
         try:
             limit = int(query.get("limit") or 100)
         except ValueError:
-            raise InvalidArgument("'limit' must be a whole number", param="limit") from None
+            limit = 0
+        if not 1 <= limit <= MAX_PAYLOAD_ROWS:
+            raise InvalidArgument(f"'limit' must be a whole number from 1 to {MAX_PAYLOAD_ROWS}",
+                                  param="limit")
         resp = await self._call("QueryPayloads", pb.QueryPayloadsRequest(
-            endpoint=endpoint, since=_ts(since), limit=limit))
+            endpoint=endpoint, since=_ts(since, "since"), limit=limit))
         return {"rows": [json_format.MessageToDict(r, preserving_proto_field_name=True,
                                                    always_print_fields_with_no_presence=True)
                          for r in resp.rows]}

@@ -29,3 +29,22 @@ def test_bad_times_are_400s_naming_the_argument(text):
     with pytest.raises(InvalidArgument) as err:
         parse_time(text, "since", NOW, NOW)
     assert err.value.param == "since" and "since" in err.value.message
+
+
+def test_times_outside_what_a_timestamp_holds_are_400s():
+    from fmapi_gateway.usage_api import _ts
+
+    when = parse_time("9999-12-31T23:59:59-14:00", "until", NOW, NOW)
+    with pytest.raises(InvalidArgument) as err:
+        _ts(when, "until")
+    assert err.value.param == "until"
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "1001", "99999999999999999999", "ten"])
+async def test_payload_limits_are_checked_before_anything_is_asked(limit):
+    from fmapi_gateway.usage_api import UsageApi
+
+    api = UsageApi(None, None)  # no usage service: a checked limit would get 503, not 400
+    with pytest.raises(InvalidArgument) as err:
+        await api.payloads("e", {"limit": limit})
+    assert err.value.param == "limit"
