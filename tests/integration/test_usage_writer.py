@@ -117,3 +117,21 @@ async def test_payload_records_fill_the_endpoint_s_inference_table(env):
     rows = db.query_payloads("team_log_payload", since=usage_row(record(0))["request_time"], limit=10)
     assert [(r["request_id"], r["request"], r["response"]) for r in rows] == [
         ("r1", '{"a": 1}', '{"b": 2}')]
+
+
+async def test_a_malformed_record_is_set_aside_and_the_rest_are_written(env):
+    client, db = env
+    await client.sadd(f"{PREFIX}:endpoints", "e1")
+    await client.xadd(f"{PREFIX}:{{e1}}:usage", record(1))
+    broken = record(2)
+    del broken["request_id"]
+    await client.xadd(f"{PREFIX}:{{e1}}:usage", broken)
+    await client.xadd(f"{PREFIX}:{{e1}}:usage", record(3, start_ms="not a time"))
+    await client.xadd(f"{PREFIX}:{{e1}}:usage", record(4))
+    w = UsageWriter(client, db, consumer="w", block_ms=50)
+    await _drain(w, lambda: db.count_usage() >= 2)
+    await w.drain_once()
+    assert db.count_usage() == 2
+    dead = await client.xrange(f"{PREFIX}:usage-dead")
+    assert len(dead) == 2 and all(b"_error" in f for _, f in dead)
+    assert await w.backlog() == 0  # nothing left to retry forever

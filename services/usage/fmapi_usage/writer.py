@@ -276,9 +276,33 @@ class UsageWriter:
             except DatabaseUnavailable as exc:
                 await self._alarm(f"usage database unreachable ({exc})")
         if batch:
-            await self._write(batch)
+            good = await self._set_aside_malformed(batch)
+            if good:
+                await self._write(good)
             await self._ack(batch)
         return len(batch)
+
+    async def _set_aside_malformed(self, batch: list[tuple[str, str, dict]]):
+        """Records that cannot become rows (a bug upstream, never a caller's doing) go to the
+        dead-letter stream ``<prefix>:usage-dead`` with the reason, instead of stopping the
+        writer or being retried forever; the rest are returned."""
+        good, bad = [], []
+        for item in batch:
+            try:
+                usage_row(item[2])
+                payload_row(item[2])
+                good.append(item)
+            except (KeyError, ValueError, TypeError) as exc:
+                bad.append((item, exc))
+        if bad:
+            async with self._r.pipeline(transaction=False) as p:
+                for (key, entry_id, fields), exc in bad:
+                    p.xadd(f"{self._prefix}:usage-dead",
+                           {**fields, "_stream": key, "_id": entry_id, "_error": repr(exc)[:500]})
+                await p.execute()
+            log.error("%d malformed usage record(s) set aside in %s:usage-dead (first: %r)",
+                      len(bad), self._prefix, bad[0][1])
+        return good
 
     async def run(self) -> None:
         delay = 0.1
@@ -291,6 +315,10 @@ class UsageWriter:
                 raise
             except (RedisError, OSError) as exc:
                 log.warning("usage streams unreachable (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception:  # noqa: BLE001 - the writer must outlive any one bad round
+                log.exception("usage writer round failed; retrying")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
