@@ -21,6 +21,9 @@ from fmapi_common.router import Router, View
 
 log = logging.getLogger(__name__)
 
+# Longest wait for the next snapshot before the stream is taken for dead and re-opened.
+SILENCE_S = 15.0
+
 
 class LocalRegistry:
     def __init__(self, stub: routing_pb2_grpc.RoutingServiceStub) -> None:
@@ -69,14 +72,22 @@ class LocalRegistry:
             call = self._stub.WatchRegistry(routing_pb2.WatchRegistryRequest(),
                                             wait_for_ready=True)
             try:
-                async for msg in call:
+                while True:
+                    # Routing sends a snapshot at least every 5 s: silence means a dead peer
+                    # (a connection that broke without a word), not a quiet registry.
+                    msg = await asyncio.wait_for(call.read(), SILENCE_S)
+                    if msg is grpc.aio.EOF:
+                        log.info("registry stream ended (routing shutting down); re-opening")
+                        break
                     self.view = View.of(msg)
                     self.received_at = time.monotonic()
                     self._loaded.set()
                     arrived, self._arrived = self._arrived, asyncio.Event()
                     arrived.set()
                     delay = 0.05
-                log.info("registry stream ended (routing shutting down); re-opening")
+            except TimeoutError:
+                log.warning("no registry snapshot for %g s; keeping version %d, re-opening",
+                            SILENCE_S, self.view.version)
             except grpc.RpcError as exc:
                 log.warning("registry stream failed (%s); keeping version %d, re-opening",
                             exc.code().name, self.view.version)

@@ -484,3 +484,36 @@ async def test_two_routing_replicas_share_the_registry_and_apply_is_idempotent(r
                       served_entities=[pb.ServedEntity(model="m1", traffic_percentage=100)])
     await stub.ApplyEndpoints(pb.ApplyEndpointsRequest(endpoints=[old]))
     await stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="applied"))
+
+
+async def test_a_gateway_copy_survives_a_silent_routing_and_picks_up_after(routing_env, monkeypatch):
+    """A routing replica that stops answering (SIGSTOP: its connection stays open, no word): the
+    gateway's copy keeps serving its last snapshot, notices the silence, re-opens, and takes the
+    next snapshot once routing is back."""
+    import os
+    import signal
+
+    from fmapi_gateway import registry as gw_registry
+
+    _, sup, tmp, redis = routing_env
+    addr = start_routing(sup, tmp, redis, name="routing-silent")
+    child = next(c for c in sup.children if c.name == "routing-silent")
+    monkeypatch.setattr(gw_registry, "SILENCE_S", 1.0)
+    async with tls.aio_channel(addr, "gateway", "routing") as ch:
+        copy = gw_registry.LocalRegistry(routing_pb2_grpc.RoutingServiceStub(ch))
+        await copy.start(wait_s=10)
+        version = copy.view.version
+        assert version >= 1 and "chat" in copy.view.endpoints
+        os.kill(child.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.5)  # silence past SILENCE_S: the stream is re-opened
+            assert copy.router.endpoint("chat").name == "chat"  # the last copy still serves
+            assert copy.view.version == version
+        finally:
+            os.kill(child.proc.pid, signal.SIGCONT)
+        seen = copy.received_at
+        deadline = time.monotonic() + 10
+        while copy.received_at == seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert copy.received_at > seen  # snapshots flow again
+        await copy.close()
