@@ -7,8 +7,6 @@ import uuid
 
 from fmapi.inference.v1 import inference_pb2 as pb
 from fmapi.inference.v1 import inference_pb2_grpc
-from google.protobuf import json_format
-
 from fmapi.generation.v1 import generation_pb2 as gen_pb
 from fmapi_common.errors import InvalidArgument
 from fmapi_common.router import endpoint_ready
@@ -33,11 +31,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     @staticmethod
     def _tags(context, request=None) -> UsageTags:
         """The call's request id: Envoy's x-request-id (every call comes through Envoy), and
-        the request (as JSON) for an inference table."""
+        the request, for an inference table (turned into JSON only if it is kept)."""
         rid = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), "")
-        body = None if request is None else json_format.MessageToDict(
-            request, preserving_proto_field_name=True)
-        return UsageTags(rid if 0 < len(rid) <= 128 else uuid.uuid4().hex, body=body)
+        return UsageTags(rid if 0 < len(rid) <= 128 else uuid.uuid4().hex, body=request)
 
     def _caller(self, context, method: str):
         """The identity auth signed for this call of ``method`` (gRPC calls are POSTs)."""

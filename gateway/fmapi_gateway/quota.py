@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import orjson
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
@@ -86,8 +88,9 @@ class UsageTags:
     request_id: str
     client_request_id: str = ""
     usage_context: dict[str, str] = field(default_factory=dict)
-    # The request as the caller sent it (its body; never a header): the inference table's copy.
-    body: Mapping | None = field(default=None, compare=False, repr=False)
+    # The request as the caller sent it (its JSON body, or the gRPC request message; never a
+    # header): the inference table's copy.
+    body: Mapping | Message | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_body(cls, request_id: str, body: Mapping) -> UsageTags:
@@ -102,6 +105,8 @@ MAX_PAYLOAD_BYTES = 2**20
 
 def _payload_json(value, code: str) -> tuple[str, str]:
     """(JSON text, "") or ("", ``code``) when it is over :data:`MAX_PAYLOAD_BYTES`."""
+    if isinstance(value, Message):
+        value = json_format.MessageToDict(value, preserving_proto_field_name=True)
     text = orjson.dumps(value, default=str)
     if len(text) > MAX_PAYLOAD_BYTES:
         return "", code

@@ -214,9 +214,7 @@ class Api:
             try:
                 eps.append(endpoints.to_pb(endpoints.Endpoint.model_validate(d)))
             except ValidationError as exc:
-                err = exc.errors()[0]
-                loc = ".".join(str(p) for p in (f"endpoints[{i}]", *err["loc"]))
-                raise InvalidArgument(f"{loc}: {err['msg']}", param=loc) from None
+                raise endpoints.invalid_argument(exc, f"endpoints[{i}]") from None
         resp = await self.backends.admin(
             "ApplyEndpoints", routing_pb2.ApplyEndpointsRequest(endpoints=eps, prune=prune))
         await self._changed(resp.version)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from google.protobuf import json_format
 
 from fmapi.routing.v1 import routing_pb2 as pb
-from fmapi_common.endpoints import MODES, TASKS
+from fmapi_common.endpoints import MODES, TASKS, name_served
 from fmapi_common.errors import InvalidArgument
 
 from .tasks import TASK_NAMES
@@ -137,11 +137,11 @@ def _traffic(out: pb.Endpoint, traffic: Mapping, param: str) -> None:
                                   param=f"{param}.traffic_config.routes")
         entities[0].traffic_percentage = 100
         return
-    by_name = {}
-    for i, se in enumerate(entities):
-        # The name an unnamed entity gets (the same rule as routing's).
-        se.name = se.name or (se.model if len(entities) == 1 else f"{se.model}-{i}")
-        by_name[se.name] = se
+    try:
+        name_served(entities)  # unnamed entities get the names routing would give them
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), param=f"{param}.served_entities") from None
+    by_name = {se.name: se for se in entities}
     for i, route in enumerate(routes):
         where = f"{param}.traffic_config.routes[{i}]"
         route = _obj(route, where)

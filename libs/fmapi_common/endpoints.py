@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from fmapi.routing.v1 import routing_pb2 as pb
 
+from .errors import InvalidArgument
+
 Task = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
 CapacityMode = Literal["pay_per_token", "provisioned_throughput"]
 
@@ -204,6 +206,22 @@ def load_registry(path: str | Path) -> Registry:
     except ValidationError as exc:
         raise ValueError(f"invalid endpoints file {path}: {exc}") from None
 
+
+def invalid_argument(exc: ValidationError | ValueError, where: str) -> InvalidArgument:
+    """The 400 for a refused declaration: ``where`` (e.g. "endpoints[2]"), then the first
+    problem's field and message; ``param`` names the field."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        param = ".".join(x for x in (where, loc) if x) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        return InvalidArgument(f"{param}: {msg}" if param else msg, param=param)
+    return InvalidArgument(f"{where}: {exc}" if where else str(exc), param=where or None)
+
+
+# The registry's hash in Redis (routing writes it; the usage writer reads inference-table
+# settings from it): endpoint name -> the endpoint as JSON.
+REGISTRY_KEY = "fmapi:registry:endpoints"
 
 # ---------------------------------------------------------------- proto <-> domain
 

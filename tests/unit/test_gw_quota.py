@@ -108,3 +108,27 @@ async def test_an_unreachable_quota_service_refuses_and_closes_the_admission():
     await q.close()  # waits for the settlement in flight
     # Its answer may have been lost after the admission ran: it is closed at once.
     assert [(s.request_id, s.status_code) for s in stub.settled] == [("rid", 503)]
+
+
+def test_a_grpc_request_is_kept_as_json_only_when_its_payload_is_taken():
+    import json
+
+    from fmapi.inference.v1 import inference_pb2
+    from fmapi_gateway.quota import MAX_PAYLOAD_BYTES, _payload_json
+
+    text, code = _payload_json(inference_pb2.EmbedRequest(endpoint="e", texts=["hi"]), "TOO_LARGE")
+    assert json.loads(text) == {"endpoint": "e", "texts": ["hi"]} and code == ""
+    big = inference_pb2.EmbedRequest(endpoint="e", texts=["x" * MAX_PAYLOAD_BYTES])
+    assert _payload_json(big, "TOO_LARGE") == ("", "TOO_LARGE")
+
+
+def test_served_entities_with_the_same_name_are_a_400():
+    from fmapi_common.errors import InvalidArgument
+    from fmapi_gateway.serving_endpoints import served_config
+
+    with pytest.raises(InvalidArgument) as err:
+        served_config({"served_entities": [{"entity_name": "m", "name": "a"},
+                                           {"entity_name": "n", "name": "a"}],
+                       "traffic_config": {"routes": [{"served_entity_name": "a",
+                                                      "traffic_percentage": 100}]}})
+    assert err.value.param == "config.served_entities" and "unique" in err.value.message

@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError, ResponseError
 
 from fmapi.routing.v1 import routing_pb2 as pb
-from fmapi_common.endpoints import Endpoint, Registry, from_pb, to_pb
+from fmapi_common.endpoints import (REGISTRY_KEY, Endpoint, Registry, from_pb, invalid_argument,
+                                    to_pb)
 from fmapi_common.errors import (
     AlreadyExists,
     Conflict,
@@ -36,7 +37,7 @@ from fmapi_common.errors import (
     Unavailable,
 )
 
-ENDPOINTS, VERSION, MODELS = "fmapi:registry:endpoints", "fmapi:registry:version", "fmapi:registry:models"
+ENDPOINTS, VERSION, MODELS = REGISTRY_KEY, "fmapi:registry:version", "fmapi:registry:models"
 CHANNEL = "fmapi:registry:changes"
 
 # ARGV: channel, then per endpoint: name, the JSON the caller read ('' = absent), the new JSON
@@ -63,15 +64,6 @@ _MAX_ATTEMPTS = 5
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _invalid(exc: ValidationError | ValueError, what: str) -> InvalidArgument:
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        return InvalidArgument(f"{what}: {loc}: {err['msg']}" if loc else f"{what}: {err['msg']}",
-                               param=loc or None)
-    return InvalidArgument(f"{what}: {exc}")
 
 
 def _check_registry(endpoints: dict[str, Endpoint], error=FailedPrecondition) -> None:
@@ -168,7 +160,7 @@ class ControlPlane:
             try:
                 ep = from_pb(msg)
             except (ValidationError, ValueError) as exc:
-                raise _invalid(exc, f"endpoint '{msg.name}'") from None
+                raise invalid_argument(exc, "") from None
             now = _now_ms()
             ep = ep.model_copy(update={"config_version": 1, "config_update": "NOT_UPDATING",
                                        "pending_served_entities": [], "create_time_ms": now,
@@ -215,7 +207,7 @@ class ControlPlane:
         try:
             ep = from_pb(merged)
         except (ValidationError, ValueError) as exc:
-            raise _invalid(exc, f"endpoint '{old.name}'") from None
+            raise invalid_argument(exc, "") from None
         if ep.task != old.task:
             raise InvalidArgument("an endpoint's task cannot change", param="task")
         update: dict = {"update_time_ms": _now_ms()}
@@ -274,7 +266,7 @@ class ControlPlane:
             try:
                 eps.append(from_pb(msg))
             except (ValidationError, ValueError) as exc:
-                raise _invalid(exc, f"endpoints[{i}] ({msg.name or 'unnamed'})") from None
+                raise invalid_argument(exc, f"endpoints[{i}]") from None
         names = [e.name for e in eps]
         if len(names) != len(set(names)):
             raise InvalidArgument("the list names an endpoint twice", param="endpoints")

@@ -27,11 +27,13 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from fmapi_common.endpoints import REGISTRY_KEY
+
 from .db import DatabaseUnavailable, UsageDB
 
 log = logging.getLogger(__name__)
 
-REGISTRY = "fmapi:registry:endpoints"
+REGISTRY = REGISTRY_KEY
 
 
 def _utc(ms: str | float) -> datetime:
