@@ -13,6 +13,7 @@ import pytest
 
 from fmapi.generation.v1 import generation_pb2, generation_pb2_grpc
 from fmapi.inference.v1 import inference_pb2, inference_pb2_grpc
+from helpers.tiny_llm import LONG_GENERATION
 
 CHAT = "tiny-chat"
 COMPLETIONS = "tiny-completions"
@@ -117,7 +118,7 @@ def test_completions_prompt_list_echo_and_stop(client):
 
 
 def test_closing_a_stream_aborts_the_engine_request(system, client):
-    stream = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=200, stream=True,
+    stream = client.chat.completions.create(model=CHAT, messages=HELLO, max_tokens=LONG_GENERATION, stream=True,
                                             extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
@@ -142,7 +143,7 @@ def test_closing_a_stream_aborts_the_engine_request(system, client):
         ({"model": CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
         ({"model": CHAT, "messages": HELLO, "temperature": 5}, 400, "temperature"),
         ({"model": CHAT, "messages": HELLO, "max_tokens": 100000}, 400, "max_tokens"),
-        ({"model": CHAT, "messages": [{"role": "user", "content": "hello " * 400}]}, 400, "context"),
+        ({"model": CHAT, "messages": [{"role": "user", "content": "hello " * 2500}]}, 400, "context"),
         ({"model": "no-such-model", "messages": HELLO}, 404, "no-such-model"),
         ({"model": CHAT, "messages": "hi"}, 400, "messages"),
         ({"model": CHAT, "messages": HELLO, "stream": "yes"}, 400, "stream"),

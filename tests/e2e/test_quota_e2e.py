@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from helpers.tiny_llm import LONG_GENERATION
 from helpers.usage import records
 
 LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
@@ -153,7 +154,7 @@ def test_output_reservations_never_exceed_the_limit_and_unused_is_refunded(syste
 def test_a_stream_cut_by_its_client_is_settled_once_with_what_was_generated(system, client):
     stream = client.chat.completions.with_raw_response.create(
         model="q-chat-stream", messages=[{"role": "user", "content": "tell me a story"}],
-        max_tokens=200, stream=True, extra_body={"ignore_eos": True})
+        max_tokens=LONG_GENERATION, stream=True, extra_body={"ignore_eos": True})
     rid = stream.headers["x-request-id"]
     chunks = 0
     events = stream.parse()
@@ -171,7 +172,7 @@ def test_a_stream_cut_by_its_client_is_settled_once_with_what_was_generated(syst
     assert len(mine) == 1
     record = mine[0]
     assert record["status_code"] == "499" and record["streaming"] in ("1", "true", "True")
-    assert 4 <= int(record["output_tokens"]) < 200
+    assert 4 <= int(record["output_tokens"]) < LONG_GENERATION
     assert int(record["input_tokens"]) > 0 and record["principal"] == "admin"
 
 

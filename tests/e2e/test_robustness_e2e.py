@@ -13,6 +13,7 @@ import pytest
 
 from fmapi.generation.v1 import generation_pb2, generation_pb2_grpc
 from fmapi.inference.v1 import inference_pb2, inference_pb2_grpc
+from helpers.tiny_llm import LONG_GENERATION
 
 CHAT = "tiny-chat"
 EMBED = "all-minilm-l6-v2"
@@ -60,7 +61,7 @@ def open_request(system, path: str, body: dict) -> socket.socket:
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(system):
     # Four long generations (the probe left 4 x 1200 tokens running for 55 s).
-    body = {"model": CHAT, "messages": HELLO, "max_tokens": 200, "ignore_eos": True}
+    body = {"model": CHAT, "messages": HELLO, "max_tokens": LONG_GENERATION, "ignore_eos": True}
     socks = [open_request(system, "/v1/chat/completions", body) for _ in range(4)]
     wait_for(lambda: running_requests(system) >= 4, 30, "the generations never started")
     for s in socks:

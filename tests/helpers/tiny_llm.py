@@ -128,8 +128,13 @@ def build_tiny_llama(path: str | os.PathLike) -> Path:
 
 
 # Settings that make a tiny model start fast and decode predictably on 2 CPU cores.
+# A generation long enough that a client leaving after its first tokens always leaves before the
+# end: the tiny model decodes hundreds of tokens a second on a fast CPU, so 200 could be done
+# before the client's cancel reached the engine (CI saw exactly that).
+LONG_GENERATION = 1500
+
 TINY_ENGINE_ENV = {
-    "FMAPI_GENERATION_MAX_MODEL_LEN": "256",
+    "FMAPI_GENERATION_MAX_MODEL_LEN": "2048",
     "FMAPI_GENERATION_CPU_KVCACHE_SPACE_GIB": "1",
     "FMAPI_GENERATION_ENFORCE_EAGER": "true",
 }

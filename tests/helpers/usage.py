@@ -9,6 +9,8 @@ import uuid
 import httpx
 import sqlalchemy as sa
 
+from helpers.tiny_llm import LONG_GENERATION
+
 
 def rows(url: str, where: str = "1=1", **params) -> list[dict]:
     """endpoint_usage rows straight from the database."""
@@ -69,7 +71,7 @@ def mixed_requests(http: httpx.Client, tag: str) -> dict[str, dict]:
 
     crid = f"{tag}-cancelled"
     with http.stream("POST", "/v1/chat/completions", json={
-            "model": "tiny-chat", "max_tokens": 200, "ignore_eos": True, "stream": True,
+            "model": "tiny-chat", "max_tokens": LONG_GENERATION, "ignore_eos": True, "stream": True,
             "client_request_id": crid,
             "messages": [{"role": "user", "content": "a long one"}]}) as r:
         assert r.status_code == 200
@@ -97,7 +99,7 @@ def check_mixed(http: httpx.Client, url: str) -> None:
     stream, cancelled = found[f"{tag}-stream"], found[f"{tag}-cancelled"]
     assert bool(stream["request_streaming"]) and stream["time_to_first_token_ms"] is not None
     # What the engine generated before it was stopped: more than nothing, less than asked.
-    assert 0 < cancelled["output_token_count"] < 200
+    assert 0 < cancelled["output_token_count"] < LONG_GENERATION
     embed = found[f"{tag}-embed-0"]
     assert embed["input_character_count"] == len("a cat") + len("a dog on a mat")
     assert embed["endpoint_name"] == "all-minilm-l6-v2" and embed["requester"]
