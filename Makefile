@@ -24,6 +24,9 @@ system-deps:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  echo "installing postgresql (Debian package)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+	@{ command -v node && command -v npm; } >/dev/null || { \
+	  echo "installing nodejs and npm (Debian packages)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,7 +43,27 @@ $(GEN)/.stamp: $(VENV)/.tools $(PROTOS)
 	find $(GEN)/fmapi -type d -exec touch {}/__init__.py \;
 	touch $@
 
-gen: $(GEN)/.stamp ## generate Python code from protos/ (into gen/, not committed)
+# The Node client (clients/node) loads its protos at run time with @grpc/proto-loader; this copies
+# the public API and the google.rpc error protos (from the venv's googleapis-common-protos) into
+# clients/node/proto/ and generates its TypeScript types into clients/node/generated/ (neither
+# committed). npm ci installs the exact versions of clients/node/package-lock.json.
+NODE := clients/node
+NODE_PROTOS := fmapi/inference/v1/inference.proto
+$(NODE)/.stamp: $(VENV)/.tools $(addprefix protos/,$(NODE_PROTOS)) $(NODE)/package.json $(NODE)/package-lock.json
+	@{ command -v node && command -v npm; } >/dev/null || { \
+	  echo "node and npm are needed for clients/node: run make install (or make system-deps)"; exit 1; }
+	$(BIN)/python -c 'import google.rpc' 2>/dev/null || $(PIP) googleapis-common-protos
+	cd $(NODE) && npm ci --no-audit --no-fund
+	rm -rf $(NODE)/proto $(NODE)/generated && mkdir -p $(NODE)/proto/google/rpc
+	cd protos && cp --parents $(NODE_PROTOS) ../$(NODE)/proto/
+	rpc=$$($(BIN)/python -c 'import google.rpc, os; print(os.path.dirname(google.rpc.__file__))') && \
+	  cp "$$rpc/status.proto" "$$rpc/error_details.proto" $(NODE)/proto/google/rpc/
+	cd $(NODE) && node_modules/.bin/proto-loader-gen-types --keepCase --longs=String --enums=String \
+	  --defaults --oneofs --grpcLib=@grpc/grpc-js -I proto --outDir=generated \
+	  $(NODE_PROTOS) google/rpc/status.proto google/rpc/error_details.proto
+	touch $@
+
+gen: $(GEN)/.stamp $(NODE)/.stamp ## generate Python code (gen/) and the Node client's protos and types (clients/node/), not committed
 
 # torch first, pinned, so nothing pulls a multi-GB CUDA build; PyPI's torchvision/torchaudio/
 # torchcodec break `import transformers` beside the CPU torch, and vLLM's text models need none.
@@ -53,10 +76,17 @@ $(VENV)/.deps: $(VENV)/.tools $(GEN)/.stamp pyproject.toml $(CONSTRAINTS)
 	$(PIP) --force-reinstall --no-deps opentelemetry-proto
 	touch $@
 
-install: system-deps $(VENV)/.deps ## create .venv with every dependency and the generated code
+install: system-deps $(VENV)/.deps $(NODE)/.stamp ## create .venv with every dependency and the generated code
 
-lint: install ## buf lint (STANDARD) on the protos
+# The public contract (fmapi.inference.v1) never breaks by accident: buf breaking (FILE rules)
+# compares the working tree with the previous commit of main (said and skipped where there is
+# none, as in a shallow clone). A deliberate break is a new package version (v2), not an edit.
+lint: install ## buf lint (STANDARD) on the protos, buf breaking on the public API
 	$(BIN)/buf lint protos
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+	  cd protos && ../$(BIN)/buf breaking --against '../.git#ref=HEAD~1,subdir=protos' \
+	    --path fmapi/inference && echo "buf breaking: fmapi.inference.v1 is compatible with HEAD~1"; \
+	else echo "buf breaking: skipped, no previous commit to compare with"; fi
 
 run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:8080; FMAPI_HTTP_PORT overrides)
 	$(BIN)/fmapi dev up
@@ -72,6 +102,6 @@ $(BENCH_NAMES): ; @:
 endif
 
 clean: ## remove generated code and runtime files (keeps .venv)
-	rm -rf $(GEN) .fmapi/run
+	rm -rf $(GEN) .fmapi/run $(NODE)/proto $(NODE)/generated $(NODE)/.stamp
 
 .PHONY: help system-deps gen install lint run test bench clean

@@ -75,6 +75,20 @@ endpoints:
     task: llm/v1/chat
     served_entities: [{model: tiny}]
     limits: {output_tokens_per_minute: 100000}
+# The public gRPC API's tests (tests/e2e/test_grpc_api_e2e.py).
+  - name: g-metered
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits: {requests_per_minute: 10}
+  - name: g-limited
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits: {requests_per_minute: 1, principals: [{principal: someone-else, limits: {requests_per_minute: 7}}]}
+# The Node client's test (clients/node/test) reads a refusal's RetryInfo here.
+  - name: n-limited
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits: {endpoint: {requests_per_minute: 1}}
   - name: q-provisioned
     task: llm/v1/chat
     served_entities: [{model: tiny}]

@@ -136,32 +136,48 @@ _BY_GRPC_CODE: dict[grpc.StatusCode, type[FmapiError]] = {
 # ---------------------------------------------------------------- domain -> gRPC
 
 
+def retry_after(err: FmapiError) -> float | None:
+    """Seconds a caller should wait before trying again: the error's own, else 1 s for an
+    unavailable backend (for HTTP's Retry-After and gRPC's RetryInfo alike)."""
+    if err.retry_after is not None:
+        return err.retry_after
+    return 1.0 if isinstance(err, Unavailable) else None
+
+
+def stable_code(err: FmapiError) -> str:
+    """The stable, upper-case code of an error (Databricks' ``error_code``, e.g.
+    REQUEST_LIMIT_EXCEEDED): gRPC's ErrorInfo.reason."""
+    return next((v[2] for cls, v in _HTTP.items() if isinstance(err, cls)), _HTTP[Internal][2])
+
+
+def rich_status(err: FmapiError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` of an error: ErrorInfo (reason the stable code; metadata
+    ``code``, the fine-grained OpenAI code, and ``param``), BadRequest naming the field, and
+    RetryInfo when the caller should retry later."""
+    info = error_details_pb2.ErrorInfo(reason=stable_code(err), domain=DOMAIN)
+    info.metadata["code"] = err.reason
+    details: list = [info]
+    if err.param:
+        info.metadata["param"] = _clip(err.param)
+        br = error_details_pb2.BadRequest()
+        br.field_violations.add(field=_clip(err.param), description=_clip(err.message))
+        details.append(br)
+    wait = retry_after(err)
+    if wait is not None and err.grpc_code in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                              grpc.StatusCode.UNAVAILABLE):
+        details.append(error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=int(wait), nanos=int((wait % 1) * 1e9))))
+    status = status_pb2.Status(code=err.grpc_code.value[0], message=_clip(err.message))
+    for d in details:
+        status.details.add().Pack(d)
+    return status
+
+
 def to_rpc_status(err: FmapiError) -> grpc.Status:
     """Build the rich gRPC status for a domain error."""
     from grpc_status import rpc_status
 
-    details = []
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN)
-    if err.param:
-        info.metadata["param"] = _clip(err.param)
-    details.append(info)
-    if err.param:
-        br = error_details_pb2.BadRequest()
-        br.field_violations.add(field=_clip(err.param), description=_clip(err.message))
-        details.append(br)
-    if err.retry_after is not None:
-        details.append(
-            error_details_pb2.RetryInfo(
-                retry_delay=duration_pb2.Duration(
-                    seconds=int(err.retry_after),
-                    nanos=int((err.retry_after % 1) * 1e9),
-                )
-            )
-        )
-    status = status_pb2.Status(code=err.grpc_code.value[0], message=_clip(err.message))
-    for d in details:
-        status.details.add().Pack(d)
-    return rpc_status.to_status(status)
+    return rpc_status.to_status(rich_status(err))
 
 
 # ---------------------------------------------------------------- gRPC -> domain
@@ -184,7 +200,7 @@ def from_rpc_error(exc: grpc.RpcError) -> FmapiError:
             if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 any_.Unpack(info)
-                reason = info.reason or None
+                reason = info.metadata.get("code") or info.reason or None
                 param = info.metadata.get("param") or None
             elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 ri = error_details_pb2.RetryInfo()
@@ -245,12 +261,10 @@ def to_http(err: FmapiError) -> HttpError:
         "message": err.message,
     }
     headers: dict[str, str] = {}
-    retry_after = err.retry_after
-    if retry_after is None and status == 503:
-        retry_after = 1.0
-    if retry_after is not None and status in (429, 503):
-        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
-        headers["retry-after-ms"] = str(int(retry_after * 1000))
+    wait = retry_after(err)
+    if wait is not None and status in (429, 503):
+        headers["retry-after"] = str(max(1, math.ceil(wait)))
+        headers["retry-after-ms"] = str(int(wait * 1000))
     return HttpError(status, body, headers)
 
 
@@ -268,6 +282,9 @@ __all__ = [
     "DeadlineExceeded",
     "PayloadTooLarge",
     "Internal",
+    "rich_status",
+    "retry_after",
+    "stable_code",
     "to_rpc_status",
     "from_rpc_error",
     "to_http",

@@ -84,6 +84,18 @@ def grpc_embed(system, token: str | None, endpoint: str = EMBED):
                           metadata=md, timeout=10)
 
 
+def grpc_reason(err: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call's google.rpc.Status."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    st = rpc_status.from_call(err)
+    assert st is not None, "no google.rpc.Status in the trailers"
+    info = error_details_pb2.ErrorInfo()
+    assert st.details[0].Unpack(info)
+    return info.reason
+
+
 def test_admin_token_works_and_health_needs_none(admin, anon):
     assert embed(admin, None).status_code == 200  # the client's default header carries the token
     assert anon.get("/healthz").status_code == 200
@@ -101,6 +113,9 @@ def test_missing_malformed_or_unknown_token_is_401(auth_system, anon, header):
     with pytest.raises(grpc.RpcError) as err:
         grpc_embed(auth_system, header.split(" ", 1)[1] if header and " " in header else None)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Envoy's own denial reaches a gRPC caller with a message and the rich status.
+    assert "token" in err.value.details().lower()
+    assert grpc_reason(err.value) == "UNAUTHENTICATED"
 
 
 def test_openai_sdk_raises_authentication_error(auth_system):
@@ -146,6 +161,7 @@ def test_token_scoped_to_another_endpoint_is_403(auth_system, admin, anon):
     with pytest.raises(grpc.RpcError) as err:
         grpc_embed(auth_system, token, endpoint=EMBED)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert EMBED in err.value.details() and grpc_reason(err.value) == "PERMISSION_DENIED"
     assert grpc_embed(auth_system, token, endpoint=OTHER).embeddings
     # and it sees only what it may query
     models = anon.get("/v1/models", headers={"authorization": f"Bearer {token}"}).json()

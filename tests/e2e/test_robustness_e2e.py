@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from urllib.parse import urlsplit
 
 import grpc
 import pytest
 
-from fmapi.generation.v1 import generation_pb2, generation_pb2_grpc
 from fmapi.inference.v1 import inference_pb2, inference_pb2_grpc
+from helpers.engine import running_requests, wait_for
 from helpers.tiny_llm import LONG_GENERATION
 
 CHAT = "tiny-chat"
@@ -28,22 +27,6 @@ def json_error(r, status: int) -> dict:
 
 
 # ---------------------------------------------------------------- 7: a client that leaves
-
-
-def running_requests(system) -> int:
-    creds = system.tls_files("gateway").channel_credentials()
-    with grpc.secure_channel(f"127.0.0.1:{system.ports['generation-tiny']}", creds,
-                             options=[("grpc.ssl_target_name_override", "generation")]) as ch:
-        info = generation_pb2_grpc.GenerationServiceStub(ch).GetModelInfo(
-            generation_pb2.GetModelInfoRequest(), timeout=5)
-    return info.running_requests
-
-
-def wait_for(predicate, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def open_request(system, path: str, body: dict) -> socket.socket:

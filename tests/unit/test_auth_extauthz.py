@@ -13,6 +13,7 @@ from fmapi_auth.extauthz import Access, Rule, allowed, authorize, bearer_token, 
 from fmapi_auth.tokens import TokenRecord
 from fmapi_common.errors import (
     InvalidArgument,
+    stable_code,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
@@ -142,7 +143,7 @@ def test_denied_http_and_grpc(err, status, code, grpc_status):
     assert st.code == grpc_status and st.message == err.message
     info = error_details_pb2.ErrorInfo()
     st.details[0].Unpack(info)
-    assert info.reason == err.reason
+    assert info.reason == stable_code(err) and info.metadata["code"] == err.reason
 
 
 def test_grpc_message_is_percent_encoded():

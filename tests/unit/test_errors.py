@@ -96,3 +96,38 @@ def test_a_bare_resource_exhausted_is_not_a_rate_limit():
             return ()
 
     assert isinstance(from_rpc_error(Bare()), Internal)
+
+
+@pytest.mark.parametrize(
+    "err, reason, retry",
+    [
+        (e.ResourceExhausted("slow down", retry_after=2.5), "REQUEST_LIMIT_EXCEEDED", 2.5),
+        (e.Unavailable("no replica"), "TEMPORARILY_UNAVAILABLE", 1.0),  # the default wait
+        (e.InvalidArgument("bad", param="sampling.temperature"), "INVALID_PARAMETER_VALUE", None),
+        (e.NotFound("no such endpoint", param="endpoint"), "RESOURCE_DOES_NOT_EXIST", None),
+    ],
+)
+def test_rich_status_carries_a_stable_reason_the_field_and_when_to_retry(err, reason, retry):
+    from google.rpc import error_details_pb2
+
+    st = e.rich_status(err)
+    found = {}
+    for any_ in st.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
+                    error_details_pb2.RetryInfo):
+            if any_.Is(cls.DESCRIPTOR):
+                msg = cls()
+                any_.Unpack(msg)
+                found[cls.__name__] = msg
+    info = found["ErrorInfo"]
+    assert (info.reason, info.domain, info.metadata["code"]) == (reason, "fmapi", err.reason)
+    if err.param:
+        [v] = found["BadRequest"].field_violations
+        assert (v.field, v.description) == (err.param, err.message)
+    else:
+        assert "BadRequest" not in found
+    if retry is None:
+        assert "RetryInfo" not in found
+    else:
+        d = found["RetryInfo"].retry_delay
+        assert d.seconds + d.nanos / 1e9 == pytest.approx(retry)

@@ -31,7 +31,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import quote, unquote
 
@@ -39,17 +39,17 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 
 from fmapi_common import identity as ident
 from fmapi_common.errors import (
-    DOMAIN,
     FmapiError,
     Internal,
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
+    rich_status,
     to_http,
 )
 
@@ -196,16 +196,7 @@ def _grpc_message(message: str) -> str:
 
 
 def _status_details(err: FmapiError) -> str:
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN)
-    if err.param:
-        info.metadata["param"] = err.param
-    st = status_pb2.Status(code=err.grpc_code.value[0], message=err.message)
-    st.details.add().Pack(info)
-    if err.retry_after is not None:
-        ri = error_details_pb2.RetryInfo()
-        ri.retry_delay.FromNanoseconds(int(err.retry_after * 1e9))
-        st.details.add().Pack(ri)
-    return base64.b64encode(st.SerializeToString()).decode().rstrip("=")
+    return base64.b64encode(rich_status(err).SerializeToString()).decode().rstrip("=")
 
 
 def denied(err: FmapiError, *, grpc: bool) -> external_auth_pb2.CheckResponse:
