@@ -84,6 +84,17 @@ endpoints:
     task: llm/v1/embeddings
     served_entities: [{model: all-minilm-l6-v2}]
     limits: {requests_per_minute: 1, principals: [{principal: someone-else, limits: {requests_per_minute: 7}}]}
+# Metrics that must add up (tests/e2e/test_observability_e2e.py): no other test uses these.
+  - name: o-chat
+    task: llm/v1/chat
+    served_entities: [{model: tiny}]
+  - name: o-embed
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+  - name: o-limited
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+    limits: {endpoint: {requests_per_minute: 1}}
 # The Node client's test (clients/node/test) reads a refusal's RetryInfo here.
   - name: n-limited
     task: llm/v1/embeddings

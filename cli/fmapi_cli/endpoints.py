@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from urllib.parse import quote, urlencode
 
 from .tokens import CliError, UsageError, _when, common_options, run_command, table

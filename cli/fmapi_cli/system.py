@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,11 +246,15 @@ class System:
             EXT_AUTHZ_DISABLED="false" if ext_authz else "true",
             ACCESS_LOG=str(self.run_dir / "logs" / f"{name}-access.log"),
             ADMIN_SOCKET=str(self.run_dir / f"{name}-admin.sock"),
+            METRICS_PORT=0,
         ))
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        otlp = self._otlp_endpoint()
+        if otlp is not None:
+            _trace_to(cfg, hcm["typed_config"], otlp)
         if not ext_authz:
             # Benchmarks only: the client signs identities as auth would, bound to a request id
             # of its own, which this Envoy must then keep.
-            hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
             hcm["typed_config"]["preserve_external_request_id"] = True
         for cluster in cfg["static_resources"]["clusters"]:
             if cluster["name"].startswith("gateway_"):
@@ -265,11 +270,18 @@ class System:
         if self.opts.tls:
             upstream = {"auth": AUTH, "gateway_grpc": GATEWAY, "gateway_http": GATEWAY}
             for cluster in cfg["static_resources"]["clusters"]:
+                if cluster["name"] not in upstream:  # its admin socket, the trace collector
+                    continue
                 cluster["transport_socket"] = envoy_upstream_tls(
                     pki.paths(self.pki_dir, ENVOY), upstream[cluster["name"]],
                     h2=cluster["name"] != "gateway_http",
                 )
         return cfg
+
+    def _otlp_endpoint(self) -> str | None:
+        """Where the children export spans (the standard OTLP variables), if anywhere."""
+        env = {**os.environ, **self.opts.env}
+        return env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
 
     def _start_envoy(self) -> None:
         self.envoy_admin_socket = self.run_dir / "envoy-admin.sock"
@@ -292,9 +304,11 @@ class System:
         while True:
             try:
                 listeners = self.envoy_admin("/listeners?format=json", socket=admin_socket).json()
-                port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-                if port:
-                    return int(port)
+                bound = {ls["name"]: ls["local_address"]["socket_address"]["port_value"]
+                         for ls in listeners["listener_statuses"]}
+                if bound.get("public") and bound.get("metrics"):
+                    self.ports[f"{name}-metrics"] = int(bound["metrics"])
+                    return int(bound["public"])
             except (httpx.HTTPError, KeyError, IndexError, ValueError):
                 pass
             if not envoy.alive() or time.monotonic() > deadline:
@@ -369,6 +383,35 @@ class System:
 def _replica(service: str, i: int) -> str:
     """The name of a service's i-th replica: "gateway", "gateway-2", ..."""
     return service if i == 0 else f"{service}-{i + 1}"
+
+
+def _trace_to(cfg: dict, hcm: dict, endpoint: str) -> None:
+    """Envoy traces every request with its OpenTelemetry tracer, exporting to ``endpoint`` (an
+    OTLP/gRPC URL): its server span is the root of the request's trace (or continues the
+    caller's ``traceparent``), the ext_authz call is a child span, and the gateway gets the
+    context in ``traceparent``."""
+    url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    hcm["tracing"] = {"provider": {
+        "name": "envoy.tracers.opentelemetry",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "2s"},
+            "service_name": "envoy",
+        },
+    }}
+    cfg["static_resources"]["clusters"].append({
+        "name": "otel_collector",
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }},
+        "load_assignment": {"cluster_name": "otel_collector", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {
+                "address": url.hostname or "127.0.0.1", "port_value": url.port or 4317}}}}]}]},
+    })
 
 
 def envoy_upstream_tls(envoy: pki.CertPaths, upstream: str, *, h2: bool) -> dict:

@@ -14,6 +14,7 @@ from fmapi.routing.v1 import routing_pb2
 from fmapi_common.errors import InvalidArgument
 from fmapi_common.identity import Identity
 
+from . import metrics
 from .backends import Backends
 from .callers import require_query
 from .quota import UsageTags, status_of
@@ -41,10 +42,37 @@ async def embed(
     dimensions: int | None = None,
     instruction: str | None = None,
 ) -> Embeddings:
+    seen: list[str] = []  # the endpoint, once it is known to exist (a bounded metric label)
+    try:
+        res, req, meter = await _admit(backends, caller, endpoint_name, inputs, tags, seen,
+                                       dimensions=dimensions, instruction=instruction)
+    except BaseException as exc:
+        metrics.finished(seen[0] if seen else "", status_of(exc), caller.principal_kind)
+        raise
+    ep = res.endpoint
+    if meter is None:  # an unmetered gateway (benchmarks)
+        resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
+        return _result(ep.name, res.model, resp, {})
+    try:
+        resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
+    except BaseException as exc:
+        meter.settle(output_tokens=0, status_code=status_of(exc))
+        raise
+    result = _result(ep.name, res.model, resp, meter.headers)
+    meter.settle(output_tokens=0, status_code=200, input_tokens=resp.input_tokens,
+                 response=lambda: _logged(result))
+    return result
+
+
+async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
+                 inputs: list[str] | list[list[int]], tags: UsageTags, seen: list[str], *,
+                 dimensions: int | None, instruction: str | None):
+    """Resolve, check, count and admit: everything that may refuse before anything runs."""
     check_endpoint_name(endpoint_name, "model")
     require_query(caller, endpoint_name)
     res = await backends.resolve(endpoint_name)
     ep = res.endpoint
+    seen.append(ep.name)
     require_task(ep, routing_pb2.TASK_EMBEDDINGS)
     settings = ep.embedding
     if dimensions is not None:
@@ -73,23 +101,14 @@ async def embed(
         else:
             req.inputs.add(tokens=embedding_pb2.TokenIds(ids=item))
     if backends.quota is None:
-        resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
-        return _result(ep.name, res.model, resp, {})
+        return res, req, None
     tokens = await backends.count_embedding_tokens(res.replica.address, req)
     meter = await backends.quota.admit(
         tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,
         output_tokens=0, streaming=False, input_param="input",
         input_characters=sum(len(x) for x in inputs if isinstance(x, str)),
     )
-    try:
-        resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
-    except BaseException as exc:
-        meter.settle(output_tokens=0, status_code=status_of(exc))
-        raise
-    result = _result(ep.name, res.model, resp, meter.headers)
-    meter.settle(output_tokens=0, status_code=200, input_tokens=resp.input_tokens,
-                 response=lambda: _logged(result))
-    return result
+    return res, req, meter
 
 
 def _logged(result: Embeddings) -> dict:

@@ -27,6 +27,7 @@ from fmapi.routing.v1 import routing_pb2
 from fmapi_common.errors import DeadlineExceeded
 from fmapi_common.identity import Identity
 
+from . import metrics
 from .backends import Backends, call_error, open_generation
 from .callers import require_query
 from .openai_generation import GenerationCall
@@ -178,12 +179,33 @@ def _characters(req: pb.GenerateRequest) -> int:
 
 
 async def start(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags) -> Run:
+    seen: list[str] = []  # the endpoint, once it is known to exist (a bounded metric label)
+    try:
+        res, meter = await _admit(backends, caller, call, tags, seen)
+    except BaseException as exc:
+        metrics.finished(seen[0] if seen else "", status_of(exc), caller.principal_kind)
+        raise
+    cap = backends.request_cap(res.endpoint)
+    streams = [open_generation(backends, res.replica.address, req, cap) for req in call.requests]
+    run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap, meter=meter,
+              model=res.model)
+    try:
+        await run.read_firsts()
+    except BaseException as exc:
+        run.close(status_of(exc))
+        raise
+    return run
+
+
+async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags,
+                 seen: list[str]):
+    """Resolve, check, count and admit: everything that may refuse before anything runs."""
     check_endpoint_name(call.endpoint, "model")
     require_query(caller, call.endpoint)
     res = await backends.resolve(call.endpoint)
+    seen.append(res.endpoint.name)
     require_task(res.endpoint, routing_pb2.TASK_CHAT, routing_pb2.TASK_COMPLETIONS)
     default_max = res.endpoint.limits.default_max_tokens
-    cap = backends.request_cap(res.endpoint)
     for k, req in enumerate(call.requests):
         if not call.max_tokens_given and default_max > 0:
             req.sampling.max_tokens = default_max
@@ -198,13 +220,6 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
             output_tokens=sum(c.max_output_tokens for c in counts),
             streaming=call.stream, input_param="messages" if call.chat else "prompt",
             input_characters=sum(_characters(r) for r in call.requests),
+            sampling=call.requests[0].sampling,
         )
-    streams = [open_generation(backends, res.replica.address, req, cap) for req in call.requests]
-    run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap, meter=meter,
-              model=res.model)
-    try:
-        await run.read_firsts()
-    except BaseException as exc:
-        run.close(status_of(exc))
-        raise
-    return run
+    return res, meter

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from fmapi.inference.v1 import inference_pb2 as pb
 from fmapi.inference.v1 import inference_pb2_grpc
@@ -34,6 +35,7 @@ from . import generation
 from .backends import Backends
 from .callers import require_query, verified
 from .embeddings import embed
+from .http_common import trace_id
 from .openai_embeddings import parse_request
 from .openai_generation import FINISH, parse_chat, parse_completion
 from .quota import CLIENT_CLOSED, UsageTags, status_of
@@ -290,6 +292,11 @@ def describe(ep: routing_pb2.Endpoint, live: set[str], caller: Identity) -> pb.M
 _DEADLINE_SLACK_S = 0.25
 
 
+def _metadata(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A call's initial metadata: the REST headers' rate-limit numbers and the trace id."""
+    return (*headers.items(), ("x-fmapi-trace-id", trace_id(trace.get_current_span())))
+
+
 def _deadline_passed(context) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= _DEADLINE_SLACK_S
@@ -322,7 +329,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._tags(context, body, request),
             dimensions=parsed["dimensions"], instruction=parsed["instruction"],
         )
-        await context.send_initial_metadata(tuple(result.headers.items()))
+        await context.send_initial_metadata(_metadata(result.headers))
         n = result.input_tokens
         if parsed["encoding_format"] == "base64":
             vecs = np.ascontiguousarray(result.vectors, dtype="<f4")
@@ -351,8 +358,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         run = await generation.start(self._backends, ident, call, self._tags(context, body, request))
         status = CLIENT_CLOSED
         try:
-            if run.meter is not None:
-                await context.send_initial_metadata(tuple(run.meter.headers.items()))
+            await context.send_initial_metadata(_metadata(run.meter.headers if run.meter else {}))
             async for ev in run.events():
                 d = ev.delta
                 calls = _tool_calls(d.tool_calls_json)

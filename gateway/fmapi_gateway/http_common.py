@@ -135,6 +135,12 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
+def trace_id(span) -> str:
+    """The trace a request belongs to, as the 32 hex digits a tracing backend searches by: the
+    response's ``x-fmapi-trace-id`` (REST header, gRPC metadata), for a user to hand an SRE."""
+    return format(span.get_span_context().trace_id, "032x")
+
+
 class RequestContextMiddleware:
     """Pure ASGI middleware: request id on every response, a server span per request, and a
     last-resort 500 in the error shape (never a bare stack trace)."""
@@ -158,8 +164,10 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 message["headers"] = [
-                    *[(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"],
+                    *[(k, v) for k, v in message.get("headers", [])
+                      if k.lower() not in (b"x-request-id", b"x-fmapi-trace-id")],
                     rid_header,
+                    (b"x-fmapi-trace-id", trace_id(span).encode()),
                 ]
                 span.set_attribute("http.response.status_code", message["status"])
                 if message["status"] >= 500:

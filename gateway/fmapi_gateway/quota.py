@@ -22,6 +22,7 @@ import grpc
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from opentelemetry import trace
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
@@ -32,8 +33,12 @@ from fmapi_common.identity import Identity
 from fmapi_common.ratelimit import ratelimit_headers
 from fmapi_common.tls import QUOTA, TlsFiles
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
+_OPERATIONS = {routing_pb2.TASK_CHAT: "chat", routing_pb2.TASK_COMPLETIONS: "completions",
+               routing_pb2.TASK_EMBEDDINGS: "embeddings"}
 _KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_principal": pb.PRINCIPAL_KIND_SERVICE_PRINCIPAL}
 # The HTTP status recorded for a client that went away before the end (nginx's convention).
 CLIENT_CLOSED = 499
@@ -119,8 +124,13 @@ class Meter:
     settled with its request and response."""
 
     def __init__(self, quota: Quota, request_id: str, endpoint: str, admitted: pb.AdmitResponse,
-                 started: float, capture: tuple[Mapping, float] | None = None) -> None:
+                 started: float, capture: tuple[Mapping, float] | None = None, *,
+                 principal_kind: str = "user", input_tokens: int = 0) -> None:
         self.capture = capture
+        self._principal_kind = principal_kind
+        self._input_tokens = input_tokens
+        # The request's server span (REST or gRPC): its GenAI attributes are set here.
+        self._span = trace.get_current_span()
         self._quota = quota
         self.request_id = request_id
         self.endpoint = endpoint
@@ -140,6 +150,8 @@ class Meter:
     def first_token(self) -> None:
         if self._first_token is None:
             self._first_token = time.monotonic()
+            self._span.add_event(metrics.FIRST_TOKEN_EVENT, {
+                metrics.TTFT_ATTRIBUTE: self._first_token - self._started})
 
     def settle(self, *, output_tokens: int, status_code: int, finish_reason: str = "",
                input_tokens: int | None = None, output_characters: int = 0,
@@ -164,6 +176,14 @@ class Meter:
         )
         if input_tokens is not None:
             req.input_tokens = input_tokens
+        metrics.settled_span(self._span, input_tokens=self._input_tokens if input_tokens is None
+                             else input_tokens, output_tokens=req.output_tokens,
+                             finish_reason=finish_reason, status_code=status_code)
+        metrics.finished(
+            self.endpoint, status_code, self._principal_kind, duration=now - self._started,
+            ttft=None if self._first_token is None else self._first_token - self._started,
+            input_tokens=self._input_tokens if input_tokens is None else input_tokens,
+            output_tokens=req.output_tokens)
         if self.capture is not None:
             body, fraction = self.capture
             request_json, req_code = _payload_json(body, "REQUEST_PAYLOAD_TOO_LARGE")
@@ -220,10 +240,15 @@ class Quota:
         streaming: bool,
         input_param: str,
         input_characters: int = 0,
+        sampling=None,
     ) -> Meter:
         """Charge ``input_tokens`` and reserve ``output_tokens`` on every applicable limit, or
         raise (429 / 400 naming ``input_param`` or ``max_tokens`` / 503)."""
         started = time.monotonic()
+        metrics.admitted_span(
+            trace.get_current_span(), operation=_OPERATIONS.get(endpoint.task, ""),
+            endpoint=endpoint.name, model=model, principal=caller.principal,
+            principal_kind=caller.principal_kind, request_id=tags.request_id, sampling=sampling)
         req = pb.AdmitRequest(
             request_id=tags.request_id,
             endpoint=endpoint.name,
@@ -257,7 +282,8 @@ class Quota:
             raise _admission_error(exc, input_param) from None
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
-        return Meter(self, tags.request_id, endpoint.name, resp, started, _sampled(endpoint, tags))
+        return Meter(self, tags.request_id, endpoint.name, resp, started, _sampled(endpoint, tags),
+                     principal_kind=caller.principal_kind, input_tokens=input_tokens)
 
     async def renew(self, request_id: str, endpoint: str) -> None:
         try:

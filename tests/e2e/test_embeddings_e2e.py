@@ -143,17 +143,23 @@ def test_one_trace_spans_gateway_quota_and_embedding_without_routing(system, otl
     )
     assert r.status_code == 200
 
+    assert r.headers["x-fmapi-trace-id"] == trace_id
+
     def complete(spans):
         services = {s.service for s in spans if s.kind == 2}  # SERVER spans
-        return {"gateway", "quota", "embedding"} <= services
+        return {"envoy", "gateway", "quota", "embedding"} <= services
 
     spans = otlp.trace(trace_id, complete)
     assert complete(spans), spans
     # The gateway resolved the endpoint from its own copy of the registry: no routing hop.
     assert "routing" not in {s.service for s in spans}
     by_id = {s.span_id: s for s in spans}
+    envoy = next(s for s in spans if s.service == "envoy" and s.kind == 2)
+    assert envoy.parent_id == parent  # continues the caller's trace
     gw = next(s for s in spans if s.service == "gateway" and s.kind == 2)
-    assert gw.parent_id == parent  # continues the caller's trace
+    assert gw.parent_id == envoy.span_id
+    assert gw.attributes["gen_ai.operation.name"] == "embeddings"
+    assert gw.attributes["gen_ai.usage.input_tokens"] == r.json()["usage"]["prompt_tokens"]
     for service, method in (("quota", "Admit"), ("embedding", "Embed")):
         server = next(s for s in spans if s.service == service and s.kind == 2 and method in s.name)
         # server span <- gateway's client span <- gateway's request span

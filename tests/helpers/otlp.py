@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -19,6 +19,17 @@ class Span:
     span_id: str
     parent_id: str
     kind: int
+    # Attribute values as Python values (lists for arrays); status code 2 = ERROR.
+    attributes: dict = field(default_factory=dict, compare=False, repr=False)
+    status: int = 0
+    events: tuple[str, ...] = ()
+
+
+def _value(v):
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
 
 
 class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -36,7 +47,9 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
                 for s in ss.spans:
                     got.append(
                         Span(service, s.name, s.trace_id.hex(), s.span_id.hex(),
-                             s.parent_span_id.hex(), s.kind)
+                             s.parent_span_id.hex(), s.kind,
+                             {a.key: _value(a.value) for a in s.attributes}, s.status.code,
+                             tuple(e.name for e in s.events))
                     )
         with self.lock:
             self.spans.extend(got)

@@ -35,13 +35,16 @@ from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import quote, unquote
 
+import prometheus_client
 from envoy.config.core.v3 import base_pb2
+from opentelemetry import trace
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from fmapi_common import identity as ident
+from fmapi_common.telemetry import extract_http_context
 from fmapi_common.errors import (
     FmapiError,
     Internal,
@@ -303,6 +306,21 @@ class _Vouched:
     metadata: struct_pb2.Struct
 
 
+_tracer = trace.get_tracer("fmapi.auth")
+
+
+def _trace_context(metadata):
+    """The trace context Envoy sent with its Check call (only when Envoy traces), else None."""
+    carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate")}
+    return extract_http_context(carrier) if "traceparent" in carrier else None
+
+
+DECISIONS = prometheus_client.Counter(
+    "fmapi_authz_decisions", "Envoy's external authorization checks, by decision", ["decision"])
+_DECISION = {Unauthenticated: "unauthenticated", PermissionDenied: "permission_denied",
+             Unavailable: "unavailable", InvalidArgument: "invalid"}
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     """Envoy's Check, against the token store."""
 
@@ -321,18 +339,33 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._vouched: dict[str, _Vouched] = {}  # token sha256 -> its identity headers
 
     async def Check(self, request, context):  # noqa: N802 - gRPC method name
+        traced = _trace_context(context.invocation_metadata() or ())
+        if traced is None:  # Envoy traces nothing: no span, nothing spent on one
+            return (await self._decide(request))[0]
+        # Envoy traces this request: its ext_authz call is the parent of the decision's span.
+        with _tracer.start_as_current_span(CHECK_METHOD.lstrip("/"), context=traced,
+                                           kind=trace.SpanKind.SERVER) as span:
+            resp, decision = await self._decide(request)
+            span.set_attribute("fmapi.authz.decision", decision)
+            if decision != "allowed":
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"refused: {decision}"))
+            return resp
+
+    async def _decide(self, request) -> tuple[external_auth_pb2.CheckResponse, str]:
         http = request.attributes.request.http
         headers = request_headers(http)
         path = http.path or headers.get(":path", "/")
         method = http.method or headers.get(":method", "GET")
         try:
-            return await self._check(method, path, headers)
+            resp, decision = await self._check(method, path, headers), "allowed"
         except FmapiError as err:
             log.debug("denied %s %s: %s", method, path.split("?", 1)[0], err.message)
-            return denied(err, grpc=_is_grpc(headers))
+            resp, decision = denied(err, grpc=_is_grpc(headers)), _DECISION.get(type(err), "error")
         except Exception:  # noqa: BLE001 - never let a bug turn into an allow
             log.exception("ext_authz check failed for %s %s", method, path.split("?", 1)[0])
-            return denied(Internal("authorization failed"), grpc=_is_grpc(headers))
+            resp, decision = denied(Internal("authorization failed"), grpc=_is_grpc(headers)), "error"
+        DECISIONS.labels(decision).inc()
+        return resp, decision
 
     async def _check(self, method: str, path: str, headers: dict[str, str]):
         rule = classify(method, path)

@@ -18,6 +18,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import prometheus_client
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -39,6 +41,14 @@ class BatchStats:
     largest: int = 0
 
 
+BATCH_SIZE = prometheus_client.Histogram(
+    "fmapi_embedding_batch_size", "Inputs per batch the model ran", ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+QUEUE_WAIT = prometheus_client.Histogram(
+    "fmapi_embedding_queue_wait_seconds", "Time a request waited for its batch to start",
+    ["model"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+
 class DynamicBatcher(Generic[T, R]):
     def __init__(
         self,
@@ -48,6 +58,7 @@ class DynamicBatcher(Generic[T, R]):
         max_batch_size: int = 32,
         max_batch_tokens: int = 8192,
         max_wait: float = 0.005,
+        name: str = "",
     ) -> None:
         if max_batch_size < 1 or max_batch_tokens < 1 or max_wait < 0:
             raise ValueError("batch bounds must be positive")
@@ -61,6 +72,8 @@ class DynamicBatcher(Generic[T, R]):
         self._worker: asyncio.Task | None = None
         self.stats = BatchStats()
         self.inflight = 0
+        self._batch_size = BATCH_SIZE.labels(name)
+        self._queue_wait = QUEUE_WAIT.labels(name)
 
     async def submit(self, items: list[T], tokens: int) -> list[R]:
         """Run ``items`` (costing ``tokens``) in some batch; results in the same order."""
@@ -158,6 +171,10 @@ class DynamicBatcher(Generic[T, R]):
             if not batch:
                 continue
             flat = [item for p in batch for item in p.items]
+            now = time.monotonic()
+            for p in batch:
+                self._queue_wait.observe(now - p.enqueued)
+            self._batch_size.observe(len(flat))
             self.stats.batches += 1
             self.stats.items += len(flat)
             self.stats.largest = max(self.stats.largest, len(flat))

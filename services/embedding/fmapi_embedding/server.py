@@ -49,6 +49,7 @@ async def create(config: EmbeddingConfig) -> GrpcService:
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
             max_wait=config.max_wait_ms / 1000,
+            name=name,
         )
         hosted[name] = HostedModel(encoder, batcher)
     embedder = Embedder(hosted, config.max_inputs)

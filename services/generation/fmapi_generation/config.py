@@ -81,3 +81,7 @@ class GenerationConfig(ServiceConfig):
     max_top_logprobs: int = Field(20, ge=0)
     # Run one short generation before reporting SERVING (first real request is not slow).
     warmup: bool = True
+    # vLLM's own Prometheus metrics (vllm:time_to_first_token_seconds, vllm:num_requests_waiting,
+    # vllm:kv_cache_usage_perc, ...) on this service's /metrics; off saves the engine's per-step
+    # statistics (the observability benchmark measures what they cost).
+    engine_metrics: bool = True

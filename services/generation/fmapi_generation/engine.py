@@ -158,6 +158,21 @@ def chunked_prefill_settings(config: GenerationConfig, cpu: bool) -> tuple[int |
     return batched, threshold
 
 
+def otlp_traces_endpoint() -> str | None:
+    """Where this process exports spans (the standard OTLP variables), for the engine's own."""
+    return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+
+
+def trace_headers() -> dict[str, str]:
+    """The current trace context (the Generate call's span) as W3C headers."""
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
 def _refused(exc: Exception, params: Any) -> InvalidArgument:
     """A request vLLM refused, naming the parameter when vLLM did."""
     param = getattr(exc, "parameter", None)
@@ -176,6 +191,10 @@ class VllmEngine:
         self.max_model_len: int = llm.model_config.max_model_len
         self.vocab_size: int = llm.model_config.get_vocab_size()
         self._parser_cls = parser_cls
+        # vLLM ends each request with its own "llm_request" span (GenAI attributes: queue,
+        # prefill and decode times) when it has an OTLP endpoint; it joins our trace through the
+        # trace context handed to add_request.
+        self._tracing = llm.observability_config.otlp_traces_endpoint is not None
 
     @classmethod
     async def start(cls, config: GenerationConfig, model: str) -> VllmEngine:
@@ -221,7 +240,8 @@ class VllmEngine:
                     "backend": config.structured_outputs_backend,
                     "disable_any_whitespace": config.compact_json,
                 },
-                disable_log_stats=True,
+                disable_log_stats=not config.engine_metrics,
+                otlp_traces_endpoint=otlp_traces_endpoint(),
             )
             llm = AsyncLLM.from_engine_args(args)
             tokenizer = AutoTokenizer.from_pretrained(config.model_path)
@@ -259,7 +279,8 @@ class VllmEngine:
             # vLLM's own checks (logit_bias ids against the vocabulary, the schema, ...), then
             # the request is queued in the engine core.
             queue = await self._llm.add_request(
-                request_id, self._engine_input(prompt_ids), params
+                request_id, self._engine_input(prompt_ids), params,
+                trace_headers=trace_headers() if self._tracing else None,
             )
         except (ValueError, VLLMClientError) as exc:
             raise _refused(exc, params) from None

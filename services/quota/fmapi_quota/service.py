@@ -8,6 +8,8 @@ import math
 import random
 from dataclasses import dataclass
 
+import prometheus_client
+
 from fmapi_common.errors import (
     FailedPrecondition,
     FmapiError,
@@ -17,8 +19,12 @@ from fmapi_common.errors import (
 )
 
 from .domain import (
+    INPUT,
+    OUTPUT,
     REQUESTS,
+    THROUGHPUT,
     TOKEN_DIMS,
+    TOTAL,
     Admission,
     BucketState,
     RateLimit,
@@ -34,6 +40,12 @@ from .domain import (
 from .store import Capacity, QuotaStore
 
 log = logging.getLogger(__name__)
+
+REFUSALS = prometheus_client.Counter(
+    "fmapi_quota_refusals", "Admissions refused (429), by endpoint and the kind of limit that refused",
+    ["endpoint", "limit"])
+_LIMIT_KINDS = {REQUESTS: "requests", INPUT: "input_tokens", OUTPUT: "output_tokens",
+                TOTAL: "tokens", THROUGHPUT: "provisioned"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,8 @@ class QuotaService:
             retry = max(1, math.ceil(float(ans["at"]) - now)) / 1000
             b = ans["b"]
             what = bs[b].label if 0 <= b < len(bs) else "a limit"
+            REFUSALS.labels(a.endpoint, _LIMIT_KINDS.get(bs[b].dim, "other") if 0 <= b < len(bs)
+                            else "other").inc()
             raise ResourceExhausted(
                 f"rate limit exceeded on endpoint {a.endpoint!r}: {what}; "
                 f"retry in {retry:.3f} s",

@@ -16,7 +16,6 @@ bumps the version and publishes, atomically.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 

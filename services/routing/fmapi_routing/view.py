@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 
+import prometheus_client
 import redis.asyncio as redis
 
 from fmapi.routing.v1 import routing_pb2 as pb
@@ -90,6 +92,7 @@ class RegistryView:
                              expires_in_ms=r.expires_in_ms)
         self.current = View.of(msg)
         self.message = msg
+        _count_replicas(msg)
         self.seq += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -137,3 +140,23 @@ class RegistryView:
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+REPLICAS = prometheus_client.Gauge(
+    "fmapi_model_replicas", "Live replicas per model (0: an endpoint names it and none is live)",
+    ["model"])
+
+
+def _count_replicas(msg: pb.WatchRegistryResponse) -> None:
+    """Every model an endpoint names or a replica serves, with its live replicas."""
+    counts = Counter(m for r in msg.replicas for m in r.models)
+    for model, static in msg.static_replicas.items():
+        counts[model] += len(static.addresses)
+    for e in msg.endpoints:
+        for se in (*e.served_entities, *e.pending_served_entities):
+            counts.setdefault(se.model, 0)
+    for labels in list(REPLICAS._metrics):  # models no longer named or served
+        if labels[0] not in counts:
+            REPLICAS.remove(*labels)
+    for model, n in counts.items():
+        REPLICAS.labels(model).set(n)

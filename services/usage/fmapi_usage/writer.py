@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import prometheus_client
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
@@ -34,6 +35,11 @@ from .db import DatabaseUnavailable, UsageDB
 log = logging.getLogger(__name__)
 
 REGISTRY = REGISTRY_KEY
+
+
+BACKLOG = prometheus_client.Gauge(
+    "fmapi_usage_backlog", "Usage records waiting in Redis for a writer (every endpoint's stream)")
+ROWS_WRITTEN = prometheus_client.Counter("fmapi_usage_rows_written", "Usage rows inserted in SQL")
 
 
 def _utc(ms: str | float) -> datetime:
@@ -201,7 +207,9 @@ class UsageWriter:
                 for endpoint, prow in payloads.items():
                     await asyncio.to_thread(self._db.insert_payloads,
                                             await self._table_of(endpoint), prow)
-                self.written += await asyncio.to_thread(self._db.insert_usage, rows)
+                n = await asyncio.to_thread(self._db.insert_usage, rows)
+                self.written += n
+                ROWS_WRITTEN.inc(n)
                 self._health(True)
                 return
             except DatabaseUnavailable as exc:
@@ -331,6 +339,7 @@ class UsageWriter:
             return
         self._backlog_at = now
         waiting = await self.backlog()
+        BACKLOG.set(waiting)
         over = waiting > self._backlog_alarm
         if over != self._backlog_over:
             self._backlog_over = over
