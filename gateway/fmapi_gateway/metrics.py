@@ -16,6 +16,7 @@ service_principal.
 from __future__ import annotations
 
 import prometheus_client
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -100,3 +101,28 @@ def settled_span(span, *, input_tokens: int, output_tokens: int, finish_reason: 
     })
     if finish_reason:
         span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
+
+
+# ---------------------------------------------------------------- per-endpoint export
+
+
+class _EndpointOnly(Collector):
+    """This process's metric families, reduced to one endpoint's samples."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._endpoint = endpoint
+
+    def collect(self):
+        for family in prometheus_client.REGISTRY.collect():
+            samples = [s for s in family.samples if s.labels.get("endpoint") == self._endpoint]
+            if samples:
+                family.samples = samples
+                yield family
+
+
+def endpoint_export(endpoint: str) -> bytes:
+    """``GET /api/2.0/serving-endpoints/{name}/metrics``: the endpoint's metrics in Prometheus
+    text, as this gateway replica counted them (Prometheus sums the replicas' exports)."""
+    registry = prometheus_client.CollectorRegistry(auto_describe=False)
+    registry.register(_EndpointOnly(endpoint))
+    return prometheus_client.generate_latest(registry)

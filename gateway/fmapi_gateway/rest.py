@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import prometheus_client
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -18,7 +19,14 @@ from fmapi_common import endpoints
 from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
 from fmapi_common.router import endpoint_ready
 
-from . import generation, generation_views, openai_embeddings, openai_generation, serving_endpoints
+from . import (
+    generation,
+    generation_views,
+    metrics,
+    openai_embeddings,
+    openai_generation,
+    serving_endpoints,
+)
 from .backends import Backends
 from .callers import IdentityMiddleware, require_admin, require_query
 from .config import GatewayConfig
@@ -238,6 +246,12 @@ class Api:
         name = path_endpoint(request, "name")
         return JSON(await self.usage_api.payloads(name, request.query_params))
 
+    async def endpoint_metrics(self, request: Request) -> Response:
+        require_admin(caller(request))
+        ep = await self._endpoint(path_endpoint(request, "name"), "name")
+        return Response(metrics.endpoint_export(ep.name),
+                        media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
     # ---------------------------------------------------------------- tokens (admin)
 
     async def token_create(self, request: Request) -> JSON:
@@ -338,6 +352,7 @@ def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi,
         Route("/api/2.0/usage", api.usage, methods=["GET"]),
         Route("/api/2.0/serving-endpoints/{name}/inference-table", api.inference_table,
               methods=["GET"]),
+        Route("/api/2.0/serving-endpoints/{name}/metrics", api.endpoint_metrics, methods=["GET"]),
         Route("/api/2.0/fmapi/endpoints/{name}/retire", api.retire_endpoint, methods=["POST"]),
         Route("/api/2.0/token/create", api.token_create, methods=["POST"]),
         Route("/api/2.0/token/list", api.token_list, methods=["GET"]),

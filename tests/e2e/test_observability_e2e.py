@@ -233,3 +233,20 @@ def test_envoys_stats_are_exported_on_an_internal_port_only(system):
 def anon(system):
     with httpx.Client(base_url=system.base_url, timeout=30) as c:
         yield c
+
+
+def test_an_endpoints_metrics_export_is_prometheus_text_for_admins_only(system, http, anon):
+    assert http.post("/v1/embeddings", json={"model": "o-embed", "input": "x"}).status_code == 200
+    r = http.get("/api/2.0/serving-endpoints/o-embed/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for fam in text_string_to_metric_families(r.text) for s in fam.samples]
+    assert {s.labels["endpoint"] for s in samples} == {"o-embed"}  # nothing of other endpoints
+    assert sum(s.value for s in samples if s.name == "fmapi_requests_total") >= 1
+    assert http.get("/api/2.0/serving-endpoints/no-such/metrics").status_code == 404
+    # A token that may query the endpoint but is no admin: 403.
+    token = http.post("/api/2.0/token/create", json={"comment": "metrics", "endpoints": ["o-embed"],
+                                                      "lifetime_seconds": 600}).json()["token_value"]
+    r = anon.get("/api/2.0/serving-endpoints/o-embed/metrics", headers={"authorization": f"Bearer {token}"})
+    assert r.status_code == 403
