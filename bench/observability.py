@@ -1,0 +1,152 @@
+"""What observability costs: the same workloads through two fmapi systems running side by side,
+one exporting every span (Envoy, every service, the vLLM engine's own) over OTLP to a collector
+and keeping vLLM's engine metrics, the other with no trace export and the engine metrics off.
+
+Rounds alternate (on, off, off, on, ...) after a warm-up of both:
+- generation: the tiny model, streaming OUTPUT_TOKENS tokens per request, CONCURRENCY at once:
+  output tokens/s;
+- embeddings: one sentence per request, CONCURRENCY at once: requests/s.
+Prints each side's totals and the ratio on / off. Goal: >= 0.97 (under 3% of throughput).
+
+The gateway's own Prometheus counters and histograms are always on (they cannot be turned off);
+a process with no OTLP endpoint still records its spans (to nothing), so "off" is the cost of
+the export and the engine's statistics, not of the instrumentation calls.
+
+Run: ``make bench observability`` (or ``python -m bench observability``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+from .common import table
+from .generation import ENGINE, ROOT, _load
+
+CONCURRENCY = 8
+ROUNDS = 6  # per side, alternating
+GEN_REQUESTS = 32  # per round
+EMBED_REQUESTS = 200  # per round
+ENDPOINTS = """
+endpoints:
+  - name: all-minilm-l6-v2
+    task: llm/v1/embeddings
+    served_entities: [{model: all-minilm-l6-v2}]
+  - name: tiny
+    task: llm/v1/chat
+    served_entities: [{model: tiny}]
+"""
+
+
+class _Sink:
+    """An OTLP/gRPC trace receiver that counts spans and keeps nothing."""
+
+    def __init__(self) -> None:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        sink = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 - gRPC method name
+                n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+                with sink.lock:
+                    sink.spans += n
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.lock = threading.Lock()
+        self.spans = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def _system(tmp: Path, name: str, model: Path, sink: _Sink | None):
+    from fmapi_cli.system import GenerationSpec, System, SystemOptions
+
+    (tmp / "endpoints.yaml").write_text(ENDPOINTS)
+    engine = {"FMAPI_GENERATION_MAX_MODEL_LEN": str(ENGINE["max_model_len"]),
+              "FMAPI_GENERATION_CPU_KVCACHE_SPACE_GIB": str(ENGINE["kvcache_gib"]),
+              "FMAPI_GENERATION_GPU_MEMORY_UTILIZATION": str(ENGINE["gpu_memory_utilization"]),
+              "FMAPI_GENERATION_SEED": str(ENGINE["seed"]),
+              "FMAPI_GENERATION_ENFORCE_EAGER": "true",
+              "FMAPI_GENERATION_ENGINE_METRICS": "true" if sink else "false"}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
+           "OTEL_EXPORTER_OTLP_INSECURE": "true"} if sink else {}
+    system = System(SystemOptions(runtime_dir=tmp / name, http_port=0, env=env,
+                                  endpoints_file=tmp / "endpoints.yaml",
+                                  generation=[GenerationSpec("tiny", model, engine)]))
+    system.start()
+    return system
+
+
+async def _embed(base_url: str, headers: dict, n: int) -> float:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60,
+                                 limits=httpx.Limits(max_connections=CONCURRENCY)) as c:
+        pending = list(range(n))
+
+        async def worker():
+            while pending:
+                i = pending.pop()
+                r = await c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2",
+                                                         "input": f"sentence number {i} to embed"})
+                r.raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return n / (time.perf_counter() - t0)
+
+
+def run() -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.tiny_llm import build_tiny_llama
+
+    sink = _Sink()
+    gen: dict[str, list[float]] = {"on": [], "off": []}
+    emb: dict[str, list[float]] = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build_tiny_llama(tmp / "tiny")
+        systems = {"on": _system(tmp, "on", model, sink), "off": _system(tmp, "off", model, None)}
+        try:
+            heads = {k: {"authorization": f"Bearer {s.admin_token}"} for k, s in systems.items()}
+            for k, s in systems.items():  # warm-up
+                asyncio.run(_load(f"{s.base_url}/v1/chat/completions", heads[k], "tiny", CONCURRENCY, 8))
+                asyncio.run(_embed(s.base_url, heads[k], 50))
+            for i in range(ROUNDS):
+                for k in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                    s = systems[k]
+                    gen[k].append(asyncio.run(_load(f"{s.base_url}/v1/chat/completions", heads[k],
+                                                    "tiny", CONCURRENCY, GEN_REQUESTS))["tps"])
+                    emb[k].append(asyncio.run(_embed(s.base_url, heads[k], EMBED_REQUESTS)))
+        finally:
+            for s in systems.values():
+                s.stop()
+            sink.server.stop(0)
+    mean = {k: sum(v) / len(v) for k, v in gen.items()}
+    emean = {k: sum(v) / len(v) for k, v in emb.items()}
+    table(f"observability: tracing + engine metrics on vs off, {ROUNDS} alternating rounds per side, "
+          f"concurrency {CONCURRENCY}", [
+        ("generation output tokens/s  on / off",
+         f"{mean['on']:8.1f} / {mean['off']:8.1f}   ratio {mean['on'] / mean['off']:.3f} (goal >= 0.97)"),
+        ("  per round on", " ".join(f"{x:7.1f}" for x in gen["on"])),
+        ("  per round off", " ".join(f"{x:7.1f}" for x in gen["off"])),
+        ("embeddings requests/s       on / off",
+         f"{emean['on']:8.1f} / {emean['off']:8.1f}   ratio {emean['on'] / emean['off']:.3f} (goal >= 0.97)"),
+        ("  per round on", " ".join(f"{x:7.1f}" for x in emb["on"])),
+        ("  per round off", " ".join(f"{x:7.1f}" for x in emb["off"])),
+        ("spans exported (on)", f"{sink.spans}"),
+    ])
+    return {"generation_ratio": mean["on"] / mean["off"], "embeddings_ratio": emean["on"] / emean["off"]}
+
+
+if __name__ == "__main__":
+    run()
