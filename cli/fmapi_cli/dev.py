@@ -24,7 +24,32 @@ def add_parser(subparsers) -> None:
                     help="logs, sockets and port files (default .fmapi/run)")
     up.add_argument("--no-generation", action="store_true",
                     help="serve embeddings only (skip the Gemma chat model)")
+    up.add_argument("--replicas", type=replicas, default={}, metavar="SERVICE=N,...",
+                    help="replicas per service, e.g. gateway=2,auth=2,routing=2,quota=2,"
+                         "embedding=2 (services: " + ", ".join(REPLICATED) + "; default 1 each)")
     up.set_defaults(func=up_command)
+
+
+REPLICATED = ("gateway", "auth", "routing", "quota", "usage", "embedding")
+MAX_REPLICAS = 16
+# A replica that dies is started again, unless it died this often within a minute.
+MAX_RESTARTS_PER_MINUTE = 3
+
+
+def replicas(text: str) -> dict[str, int]:
+    """``gateway=2,auth=2`` as {"gateway": 2, "auth": 2} (argparse type: errors are usage errors)."""
+    import argparse
+
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, count = part.partition("=")
+        if not sep or name not in REPLICATED:
+            raise argparse.ArgumentTypeError(
+                f"{part!r}: expected SERVICE=N with SERVICE one of {', '.join(REPLICATED)}")
+        if not count.isdigit() or not 1 <= int(count) <= MAX_REPLICAS:
+            raise argparse.ArgumentTypeError(f"{part!r}: N must be 1 to {MAX_REPLICAS}")
+        out[name] = int(count)
+    return out
 
 
 def up_command(args) -> int:
@@ -46,6 +71,7 @@ def up_command(args) -> int:
         pki_dir=state / "pki",
         usage_database_url=os.environ.get("FMAPI_USAGE_DATABASE_URL")
         or f"sqlite:///{state / 'usage.db'}",
+        replicas=args.replicas,
     )
     if args.no_generation:
         opts.endpoints_file = ROOT / "infra" / "endpoints" / "embeddings-only.yaml"
@@ -73,12 +99,20 @@ def up_command(args) -> int:
         else:
             print(f"fmapi: admin API token in {token_file}", flush=True)
         print("fmapi: Ctrl-C stops everything", flush=True)
+        restarts: dict[str, list[float]] = {}
         while True:
             failed = system.sup.check()
             if failed:
-                print(f"fmapi: {failed.name} exited ({failed.proc.returncode}); stopping.\n"
-                      f"{failed.tail()}", file=sys.stderr, flush=True)
-                return 1
+                now = time.monotonic()
+                recent = [t for t in restarts.get(failed.name, []) if now - t < 60]
+                if not system.restartable(failed.name) or len(recent) >= MAX_RESTARTS_PER_MINUTE:
+                    print(f"fmapi: {failed.name} exited ({failed.proc.returncode}); stopping.\n"
+                          f"{failed.tail()}", file=sys.stderr, flush=True)
+                    return 1
+                print(f"fmapi: {failed.name} exited ({failed.proc.returncode}); starting it again",
+                      file=sys.stderr, flush=True)
+                restarts[failed.name] = [*recent, now]
+                system.restart(failed.name)
             time.sleep(0.5)
     except KeyboardInterrupt:
         return 0

@@ -9,6 +9,7 @@ interface is a unix socket.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -41,6 +42,8 @@ class GenerationSpec:
     model: str
     path: Path
     env: dict[str, str] = field(default_factory=dict)
+    # Model servers of this model ("generation-<model>", "generation-<model>-2", ...).
+    replicas: int = 1
 
 
 @dataclass
@@ -67,10 +70,20 @@ class SystemOptions:
     tls: bool = True
     # Benchmarks only: False serves without admission or settlement (what metering costs).
     metered: bool = True
-    # Replicas of the gateway (Envoy balances across them, least request first) and of the
-    # quota service (gateway i uses quota replica i mod quotas).
+    # Replicas per service ("gateway", "auth", "routing", "quota", "usage", "embedding"; 1 when
+    # not named). Envoy balances across gateway and auth replicas (least request, health
+    # checked); every gRPC client balances round robin across the replicas of what it calls.
+    replicas: dict[str, int] = field(default_factory=dict)
+    # Older spellings of replicas["gateway"] and replicas["quota"].
     gateways: int = 1
     quotas: int = 1
+
+    def count(self, service: str) -> int:
+        legacy = {"gateway": self.gateways, "quota": self.quotas}.get(service, 1)
+        n = self.replicas.get(service, legacy)
+        if n < 1:
+            raise ValueError(f"{service} needs at least one replica, not {n}")
+        return n
     # The SQL store of usage records and inference tables (default: SQLite in runtime_dir).
     usage_database_url: str | None = None
     ready_timeout: float = 300.0
@@ -174,54 +187,57 @@ class System:
         self.identity_key = secrets.token_hex(32)
         self.admin_token_file = Path(self.opts.admin_token_file or self.run_dir / "admin-token")
 
-        wait_auth = self._spawn(
-            "auth", "fmapi_auth", "FMAPI_AUTH_",
+        n = self.opts.count
+        wait_auths = [self._spawn(
+            _replica("auth", i), "fmapi_auth", "FMAPI_AUTH_",
             {"FMAPI_AUTH_REDIS_URL": self.redis_url, "FMAPI_AUTH_IDENTITY_KEY": self.identity_key,
              "FMAPI_AUTH_BOOTSTRAP_ADMIN_TOKEN_FILE": str(self.admin_token_file)},
-        )
-
+            identity="auth",
+        ) for i in range(n("auth"))]
         wait_quotas = [self._spawn(_replica("quota", i), "fmapi_quota", "FMAPI_QUOTA_",
                                    {"FMAPI_QUOTA_REDIS_URL": self.redis_url}, identity="quota")
-                       for i in range(self.opts.quotas)]
-        routing = self._spawn(
-            "routing", "fmapi_routing", "FMAPI_ROUTING_",
+                       for i in range(n("quota"))]
+        wait_routings = [self._spawn(
+            _replica("routing", i), "fmapi_routing", "FMAPI_ROUTING_",
             {"FMAPI_ROUTING_ENDPOINTS_FILE": str(self.opts.endpoints_file),
-             "FMAPI_ROUTING_REDIS_URL": self.redis_url},
-        )(30)
-        routing_addr = f"127.0.0.1:{routing}"
-        quota_addrs = [f"127.0.0.1:{wait(30)}" for wait in wait_quotas]
+             "FMAPI_ROUTING_REDIS_URL": self.redis_url}, identity="routing",
+        ) for i in range(n("routing"))]
+        # Several replicas of one service: one comma-separated address, balanced by the client.
+        routing_addr = ",".join(f"127.0.0.1:{wait(30)}" for wait in wait_routings)
+        quota_addr = ",".join(f"127.0.0.1:{wait(30)}" for wait in wait_quotas)
         self.usage_database_url = (self.opts.usage_database_url
                                    or f"sqlite:///{self.run_dir / 'usage.db'}")
-        wait_usage = self._spawn("usage", "fmapi_usage", "FMAPI_USAGE_",
-                                 {"FMAPI_USAGE_DATABASE_URL": self.usage_database_url,
-                                  "FMAPI_USAGE_REDIS_URL": self.redis_url})
-        usage_addr = f"127.0.0.1:{wait_usage(60)}"
-        auth_addr = f"127.0.0.1:{wait_auth(30)}"
+        wait_usages = [self._spawn(_replica("usage", i), "fmapi_usage", "FMAPI_USAGE_",
+                                   {"FMAPI_USAGE_DATABASE_URL": self.usage_database_url,
+                                    "FMAPI_USAGE_REDIS_URL": self.redis_url}, identity="usage")
+                       for i in range(n("usage"))]
+        usage_addr = ",".join(f"127.0.0.1:{wait(60)}" for wait in wait_usages)
+        auth_addr = ",".join(f"127.0.0.1:{wait(30)}" for wait in wait_auths)
         # Model servers load in parallel; each registers with routing once it is ready.
         waits = [self._spawn(
-            "embedding", "fmapi_embedding", "FMAPI_EMBEDDING_",
+            _replica("embedding", i), "fmapi_embedding", "FMAPI_EMBEDDING_",
             {"FMAPI_EMBEDDING_ROUTING_ADDR": routing_addr, "HF_HUB_OFFLINE": "1",
-             **self.opts.embedding_env},
-        )]
+             **self.opts.embedding_env}, identity="embedding",
+        ) for i in range(n("embedding"))]
         for spec in self.opts.generation:
-            waits.append(self._spawn(
-                f"generation-{spec.model}", "fmapi_generation", "FMAPI_GENERATION_",
+            waits += [self._spawn(
+                _replica(f"generation-{spec.model}", i), "fmapi_generation", "FMAPI_GENERATION_",
                 {"FMAPI_GENERATION_MODEL_PATH": str(spec.path),
                  "FMAPI_GENERATION_SERVED_MODEL_NAME": spec.model,
                  "FMAPI_GENERATION_ROUTING_ADDR": routing_addr,
                  "HF_HUB_OFFLINE": "1", **spec.env},
                 identity="generation",
-            ))
+            ) for i in range(spec.replicas)]
         gateways = [self._spawn(
             _replica("gateway", i), "fmapi_gateway", "FMAPI_GATEWAY_",
             {"FMAPI_GATEWAY_ROUTING_ADDR": routing_addr, "FMAPI_GATEWAY_AUTH_ADDR": auth_addr,
-             "FMAPI_GATEWAY_QUOTA_ADDR": quota_addrs[i % len(quota_addrs)],
+             "FMAPI_GATEWAY_QUOTA_ADDR": quota_addr,
              "FMAPI_GATEWAY_USAGE_ADDR": usage_addr,
              "FMAPI_GATEWAY_UNMETERED": "false" if self.opts.metered else "true",
              "FMAPI_GATEWAY_IDENTITY_KEY": self.identity_key,
              # The public gRPC API offers reflection (through Envoy, with a token).
              "FMAPI_GATEWAY_REFLECTION": "true"}, extra_ports=("http",), identity="gateway",
-        ) for i in range(self.opts.gateways)]
+        ) for i in range(n("gateway"))]
         for wait in gateways:
             wait(30)
         for wait in waits:
@@ -248,6 +264,7 @@ class System:
             ADMIN_SOCKET=str(self.run_dir / f"{name}-admin.sock"),
             METRICS_PORT=0,
         ))
+        cfg = json.loads(json.dumps(cfg))  # the template's YAML aliases become plain copies
         hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         otlp = self._otlp_endpoint()
         if otlp is not None:
@@ -256,16 +273,17 @@ class System:
             # Benchmarks only: the client signs identities as auth would, bound to a request id
             # of its own, which this Envoy must then keep.
             hcm["typed_config"]["preserve_external_request_id"] = True
+        ports = {"gateway_http": ("gateway", "-http"), "gateway_grpc": ("gateway", ""),
+                 "auth": ("auth", "")}
         for cluster in cfg["static_resources"]["clusters"]:
-            if cluster["name"].startswith("gateway_"):
-                port = "gateway-http" if cluster["name"] == "gateway_http" else "gateway"
-                cluster["lb_policy"] = "LEAST_REQUEST"
+            if cluster["name"] in ports:
+                service, suffix = ports[cluster["name"]]
                 cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
                     {"endpoint": {"address": {"socket_address": {
                         "address": "127.0.0.1",
-                        "port_value": self.ports[port.replace("gateway", _replica("gateway", i), 1)],
+                        "port_value": self.ports[_replica(service, i) + suffix],
                     }}}}
-                    for i in range(self.opts.gateways)
+                    for i in range(self.opts.count(service))
                 ]
         if self.opts.tls:
             upstream = {"auth": AUTH, "gateway_grpc": GATEWAY, "gateway_http": GATEWAY}
@@ -324,6 +342,10 @@ class System:
     def child(self, name: str):
         return next(c for c in reversed(self.sup.children) if c.name == name)
 
+    def restartable(self, name: str) -> bool:
+        """Whether ``name`` is a service :meth:`restart` can start again (not Redis or Envoy)."""
+        return name in self._specs
+
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Start service ``name`` again as it was started (after a test killed it), on the same
         gRPC port (its callers keep their address); wait until it listens."""
@@ -333,7 +355,9 @@ class System:
             old.proc.wait(10)
         self.sup.children.remove(old)
         module, prefix, env, extra_ports, identity = self._specs[name]
-        env = {**env, f"{prefix}PORT": str(self.ports[name])}
+        # The same ports (Envoy's config and every caller name them), but a new metrics one.
+        env = {**env, f"{prefix}PORT": str(self.ports[name]),
+               **{f"{prefix}{p.upper()}_PORT": str(self.ports[f"{name}-{p}"]) for p in extra_ports}}
         self._spawn(name, module, prefix, env, extra_ports, identity)(timeout)
 
     def metric(self, service: str, name: str, **labels: str) -> float:

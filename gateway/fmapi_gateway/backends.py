@@ -3,12 +3,14 @@ the gateway's copy of the registry that requests resolve against."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
 from fmapi_common.channels import ChannelPool, make_channel
-from fmapi_common.errors import DeadlineExceeded, FmapiError, from_rpc_error
+from fmapi_common.errors import DeadlineExceeded, FmapiError, Unavailable, from_rpc_error
 from fmapi_common.tls import EMBEDDING, GENERATION, ROUTING, TlsFiles
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -17,6 +19,11 @@ from fmapi_common.router import Resolution
 from .config import DEFAULT_REQUEST_TIMEOUT_S
 from .quota import Quota
 from .registry import LocalRegistry
+
+
+# How long a model server that failed UNAVAILABLE is avoided (a dead one's registration lives
+# up to its TTL, 10 s, without heartbeats).
+UNREACHABLE_AVOID_S = 10.0
 
 
 class Backends:
@@ -34,6 +41,8 @@ class Backends:
         self.pool = ChannelPool(tls)
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
+        # Model-server addresses that just failed UNAVAILABLE -> until when to avoid them.
+        self._down: dict[str, float] = {}
 
     async def start(self) -> None:
         await self.registry.start()
@@ -48,7 +57,20 @@ class Backends:
     # Reads of the registry: the local copy, no call.
 
     async def resolve(self, name: str) -> Resolution:
-        return self.registry.router.resolve(name)
+        now = time.monotonic()
+        avoid = frozenset(a for a, until in self._down.items() if until > now)
+        return self.registry.router.resolve(name, avoid)
+
+    def unreachable(self, address: str, exc: FmapiError) -> bool:
+        """A call to the model server at ``address`` failed with ``exc``: if it says the server
+        is gone (UNAVAILABLE), avoid it for a while (its registration outlives it by up to its
+        TTL) and return True, so the caller may try another replica."""
+        if not isinstance(exc, Unavailable):
+            return False
+        self._down[address] = time.monotonic() + UNREACHABLE_AVOID_S
+        if len(self._down) > 1024:  # forget the oldest: a bound, not a policy
+            self._down = dict(sorted(self._down.items(), key=lambda kv: kv[1])[-512:])
+        return True
 
     async def get_endpoint(self, name: str) -> routing_pb2.Endpoint:
         return self.registry.router.endpoint(name)

@@ -11,7 +11,7 @@ import numpy as np
 
 from fmapi.embedding.v1 import embedding_pb2
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import InvalidArgument
+from fmapi_common.errors import FmapiError, InvalidArgument
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -102,7 +102,14 @@ async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
             req.inputs.add(tokens=embedding_pb2.TokenIds(ids=item))
     if backends.quota is None:
         return res, req, None
-    tokens = await backends.count_embedding_tokens(res.replica.address, req)
+    try:
+        tokens = await backends.count_embedding_tokens(res.replica.address, req)
+    except FmapiError as exc:
+        # The chosen replica is gone (killed, its registration not expired yet): another.
+        if not backends.unreachable(res.replica.address, exc):
+            raise
+        res = await backends.resolve(endpoint_name)
+        tokens = await backends.count_embedding_tokens(res.replica.address, req)
     meter = await backends.quota.admit(
         tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,
         output_tokens=0, streaming=False, input_param="input",

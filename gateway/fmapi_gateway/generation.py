@@ -24,7 +24,7 @@ import grpc
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import DeadlineExceeded
+from fmapi_common.errors import DeadlineExceeded, FmapiError
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -213,7 +213,14 @@ async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tag
         req.request_id = f"{tags.request_id}-{k}"
     meter = None
     if backends.quota is not None:
-        counts = await backends.count_generation_tokens(res.replica.address, call.requests)
+        try:
+            counts = await backends.count_generation_tokens(res.replica.address, call.requests)
+        except FmapiError as exc:
+            # The chosen replica is gone (killed, its registration not expired yet): another.
+            if not backends.unreachable(res.replica.address, exc):
+                raise
+            res = await backends.resolve(call.endpoint)
+            counts = await backends.count_generation_tokens(res.replica.address, call.requests)
         meter = await backends.quota.admit(
             tags=tags, endpoint=res.endpoint, model=res.model, caller=caller,
             input_tokens=sum(c.prompt_tokens for c in counts),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from .telemetry import client_interceptors
@@ -15,12 +17,46 @@ _OPTIONS = [
 ]
 
 
+# Several replicas behind one channel: calls go round robin over the replicas it is connected
+# to; a replica that dies leaves the rotation as soon as its connection breaks, and comes back
+# when it can be dialled again.
+# A call that failed UNAVAILABLE (its replica died or refused it) is tried on another replica,
+# for the services whose every method is safe to repeat: quota's are idempotent per request id,
+# routing's and usage's are reads or idempotent registrations. (Auth's token management is not:
+# a token created twice is not the same as once.)
+_REPLICAS_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "fmapi.quota.v1.QuotaService"},
+                 {"service": "fmapi.routing.v1.RoutingService"},
+                 {"service": "fmapi.usage.v1.UsageService"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+
+
+def target(address: str) -> tuple[str, list[tuple[str, object]]]:
+    """The gRPC target and extra options for ``address``: one ``host:port``, or several
+    comma-separated (``127.0.0.1:7001,127.0.0.1:7002``: replicas of one service)."""
+    if "," not in address:
+        return address, []
+    # A replica that died and came back is dialled again within a second or two (gRPC's
+    # default backoff grows to two minutes).
+    return "ipv4:" + address, [("grpc.service_config", _REPLICAS_CONFIG),
+                               ("grpc.initial_reconnect_backoff_ms", 200),
+                               ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 def make_channel(address: str, tls: TlsFiles | None, server_name: str) -> grpc.aio.Channel:
-    """A channel to ``address``, which must present a certificate for identity ``server_name``
-    (ignored when ``tls`` is None: the insecure mode of the benchmarks)."""
+    """A channel to ``address`` (one replica, or several comma-separated, balanced), which must
+    present a certificate for identity ``server_name`` (ignored when ``tls`` is None: the
+    insecure mode of the benchmarks)."""
+    address, extra = target(address)
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=client_interceptors())
-    options = [*_OPTIONS, ("grpc.ssl_target_name_override", server_name)]
+        return grpc.aio.insecure_channel(address, options=[*_OPTIONS, *extra],
+                                         interceptors=client_interceptors())
+    options = [*_OPTIONS, *extra, ("grpc.ssl_target_name_override", server_name)]
     return grpc.aio.secure_channel(
         address, tls.channel_credentials(), options=options, interceptors=client_interceptors()
     )

@@ -72,6 +72,9 @@ def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Hook | None = None,
         return call
 
     def streaming(inner):
+        if inspect.iscoroutinefunction(inner):  # streams with context.write (health's Watch)
+            return single(inner)
+
         async def call(request, context):
             try:
                 if before is not None:

@@ -102,7 +102,10 @@ class Router:
         a, b = self._rng.sample(candidates, 2)
         return a if a.inflight <= b.inflight else b
 
-    def resolve(self, name: str) -> Resolution:
+    def resolve(self, name: str, avoid: frozenset[str] = frozenset()) -> Resolution:
+        """The endpoint, model and replica a request goes to. Replicas at an address in
+        ``avoid`` (the caller just failed to reach them) are chosen only if nothing else is
+        live."""
         ep = self.endpoint(name)
         if ep.retired:
             raise FailedPrecondition(
@@ -114,7 +117,8 @@ class Router:
             for model in self._models(candidate):
                 live = self.replicas(candidate, model)
                 if live:
-                    return Resolution(candidate, model, self._choose(live))
+                    reachable = [r for r in live if r.address not in avoid] or live
+                    return Resolution(candidate, model, self._choose(reachable))
         raise Unavailable(
             f"endpoint '{name}' has no live replica right now; retry shortly",
             reason="no_replica",

@@ -99,7 +99,10 @@ async def start_grpc_service(
     interceptors: per-request hot paths that map their own errors and whose caller traces them
     (Envoy's ext_authz ``Check``); every other method keeps both.
     """
-    bare = tuple(bare_methods)
+    # Health's Watch streams with context.write (a coroutine, not a generator), which the
+    # tracing interceptor cannot wrap; it needs neither tracing nor error mapping. Clients that
+    # balance over replicas (channels.make_channel) watch it.
+    bare = (*bare_methods, "/grpc.health.v1.Health/Watch")
     tls = config.tls()
     if tls is None:
         log.warning("INSECURE: internal calls are neither encrypted nor authenticated")

@@ -95,9 +95,11 @@ def test_databricks_sdk_manages_an_endpoint_at_run_time(cp, w, http):
     assert updated.config.config_version == 2
     assert _served(http, "sdk-ep", 40) == {"emb-b": 40}
 
-    # A rate limit set through put_ai_gateway binds within a second on both gateways (and the
-    # quota replica each uses): exactly `calls` requests of a burst get through.
-    before = {q: cp.metric(q, "fmapi_grpc_server_started_total", grpc_method="Admit")
+    # A rate limit set through put_ai_gateway binds within a second on both gateways (and both
+    # quota replicas): exactly `calls` requests of a burst get through.
+    # (Admit and Settle alternate on a gateway's round-robin channel: count every quota call.)
+    quota_calls = {"grpc_service": "fmapi.quota.v1.QuotaService"}
+    before = {q: cp.metric(q, "fmapi_grpc_server_started_total", **quota_calls)
               for q in ("quota", "quota-2")}
     put = w.serving_endpoints.put_ai_gateway("sdk-ep", rate_limits=[serving.AiGatewayRateLimit(
         key=serving.AiGatewayRateLimitKey.ENDPOINT, calls=6,
@@ -106,7 +108,7 @@ def test_databricks_sdk_manages_an_endpoint_at_run_time(cp, w, http):
     statuses = Counter(_embed(http, "sdk-ep").status_code for _ in range(20))
     assert statuses == {200: 6, 429: 14}
     for q in ("quota", "quota-2"):  # both halves of the system took part
-        assert cp.metric(q, "fmapi_grpc_server_started_total", grpc_method="Admit") > before[q], q
+        assert cp.metric(q, "fmapi_grpc_server_started_total", **quota_calls) > before[q], q
     assert w.serving_endpoints.get("sdk-ep").ai_gateway.rate_limits[0].calls == 6
 
     w.serving_endpoints.delete("sdk-ep")
