@@ -94,7 +94,7 @@ run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:808
 test: install lint ## install everything and run the whole test suite
 	$(BIN)/python -m pytest tests
 
-BENCH_NAMES := embeddings generation auth quota usage observability
+BENCH_NAMES := embeddings generation auth quota usage observability replicas
 bench: install ## run the benchmarks (prints ratios); `make bench quota` runs only that one
 	$(BIN)/python -m bench $(filter $(BENCH_NAMES),$(MAKECMDGOALS))
 ifneq ($(filter bench,$(MAKECMDGOALS)),)

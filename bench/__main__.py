@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-BENCHES = ["embeddings", "generation", "auth", "quota", "usage", "observability"]
+BENCHES = ["embeddings", "generation", "auth", "quota", "usage", "observability", "replicas"]
 
 
 def main(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fmapi_cli.dev import replicas
 from fmapi_cli.system import GenerationSpec, System, SystemOptions
 from helpers.otlp import OtlpCollector
 from helpers.tiny_llm import TINY_ENGINE_ENV
@@ -137,6 +138,8 @@ def system(tmp_path_factory, otlp, tiny_model):
             http_port=0,
             endpoints_file=endpoints,
             generation=[GenerationSpec("tiny", tiny_model, TINY_ENGINE_ENV)],
+            # FMAPI_TEST_REPLICAS="gateway=2,auth=2,..." runs the e2e tier on replicas.
+            replicas=replicas(os.environ.get("FMAPI_TEST_REPLICAS", "")),
             env={
                 "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
                 "OTEL_EXPORTER_OTLP_INSECURE": "true",
