@@ -91,8 +91,13 @@ lint: install ## buf lint (STANDARD) on the protos, buf breaking on the public A
 run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:8080; FMAPI_HTTP_PORT overrides)
 	$(BIN)/fmapi dev up
 
-test: install lint ## install everything and run the whole test suite
+# The e2e tier runs twice: as `make run` starts the system, then on two replicas of every
+# stateless service (the fault tests, which start their own replicated system, run once).
+TEST_REPLICAS := gateway=2,auth=2,routing=2,quota=2,embedding=2
+test: install lint ## install everything and run the whole test suite (e2e also on replicas)
 	$(BIN)/python -m pytest tests
+	FMAPI_TEST_REPLICAS=$(TEST_REPLICAS) $(BIN)/python -m pytest tests/e2e \
+	  --deselect tests/e2e/test_replica_faults_e2e.py
 
 BENCH_NAMES := embeddings generation auth quota usage observability replicas
 bench: install ## run the benchmarks (prints ratios); `make bench quota` runs only that one

@@ -5,6 +5,7 @@ what the clients were told."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 
@@ -149,15 +150,26 @@ def _samples(port: int, path: str = "/metrics") -> dict[tuple, float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+def _service(system, service: str) -> dict[tuple, float]:
+    """Every replica's samples of ``service`` (``gateway``, ``gateway-2``, ...), summed."""
+    out: dict[tuple, float] = {}
+    for key, port in system.ports.items():
+        if re.fullmatch(rf"{re.escape(service)}(-\d+)?-metrics", key):
+            for k, v in _samples(port).items():
+                out[k] = out.get(k, 0.0) + v
+    assert out, f"no metrics port for {service}"
+    return out
+
+
 def _value(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items()
                if n == name and all(dict(ls).get(k) == val for k, val in labels.items()))
 
 
 def test_after_a_known_workload_the_metrics_add_up(system, http, anon):
-    gw, before_q = system.ports["gateway-metrics"], _samples(system.ports["quota-metrics"])
-    before = _samples(gw)
-    before_auth = _samples(system.ports["auth-metrics"])
+    # Summed over replicas (FMAPI_TEST_REPLICAS runs this on several of each).
+    before, before_q = _service(system, "gateway"), _service(system, "quota")
+    before_auth = _service(system, "auth")
     told = {"prompt": 0, "completion": 0}
     streams, embeds = 3, 2
     for i in range(streams):
@@ -181,7 +193,7 @@ def test_after_a_known_workload_the_metrics_add_up(system, http, anon):
     assert anon.post("/v1/embeddings", json={"model": "o-embed", "input": "x"}).status_code == 401
 
     def delta(name: str, **labels) -> float:
-        return _value(_samples(gw), name, **labels) - _value(before, name, **labels)
+        return _value(_service(system, "gateway"), name, **labels) - _value(before, name, **labels)
 
     deadline = time.monotonic() + 10  # the last stream is counted as it closes, just after [DONE]
     while delta("fmapi_requests_total", endpoint="o-chat") < streams:
@@ -199,10 +211,10 @@ def test_after_a_known_workload_the_metrics_add_up(system, http, anon):
     assert delta("fmapi_time_per_output_token_seconds_count", endpoint="o-chat") == streams
     assert delta("fmapi_e2e_request_latency_seconds_count", endpoint="o-embed") == embeds
     # quota: the refusal, by the kind of limit that refused it
-    q = _samples(system.ports["quota-metrics"])
+    q = _service(system, "quota")
     assert _value(q, "fmapi_quota_refusals_total", endpoint="o-limited", limit="requests") - \
         _value(before_q, "fmapi_quota_refusals_total", endpoint="o-limited", limit="requests") == 1
-    a = _samples(system.ports["auth-metrics"])
+    a = _service(system, "auth")
     assert _value(a, "fmapi_authz_decisions_total", decision="unauthenticated") > \
         _value(before_auth, "fmapi_authz_decisions_total", decision="unauthenticated")
     # the engine's own (vLLM's names), the embedding batcher's, routing's replica count
@@ -211,10 +223,10 @@ def test_after_a_known_workload_the_metrics_add_up(system, http, anon):
     assert ("vllm:num_requests_waiting", (("engine", "0"), ("model_name", "tiny"))) in g or \
         any(n == "vllm:num_requests_waiting" for n, _ in g)
     assert any(n == "vllm:kv_cache_usage_perc" for n, _ in g)
-    e = _samples(next(p for k, p in system.ports.items() if k.startswith("embedding") and k.endswith("-metrics")))
+    e = _service(system, "embedding")
     assert _value(e, "fmapi_embedding_batch_size_count") >= embeds
-    r = _samples(system.ports["routing-metrics"])
-    assert _value(r, "fmapi_model_replicas", model="tiny") == 1
+    # Every routing replica counts the same one live model server.
+    assert _value(_samples(system.ports["routing-metrics"]), "fmapi_model_replicas", model="tiny") == 1
 
 
 def test_envoys_stats_are_exported_on_an_internal_port_only(system):
