@@ -116,6 +116,8 @@ def _json(text: str, param: str):
         return json.loads(text)
     except ValueError as exc:
         raise InvalidArgument(f"'{param}' must be JSON text: {exc}", param=param) from None
+    except RecursionError:
+        raise InvalidArgument(f"'{param}' is nested too deeply", param=param) from None
 
 
 def _common(request) -> dict:

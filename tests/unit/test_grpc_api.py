@@ -113,8 +113,9 @@ def test_a_refusal_names_the_grpc_field_in_its_detail_and_its_message():
     assert exc.message == "'sampling.n' is too large; 'nx' is fine"
 
 
-def test_json_text_fields_that_are_not_json_are_refused_by_name():
-    req = pb.ChatRequest(endpoint="c", tools=[pb.Tool(function=pb.FunctionDefinition(name="f", parameters_json="{"))])
+@pytest.mark.parametrize("text", ["{", "[" * 100_000 + "]" * 100_000])
+def test_json_text_fields_that_are_not_json_are_refused_by_name(text):
+    req = pb.ChatRequest(endpoint="c", tools=[pb.Tool(function=pb.FunctionDefinition(name="f", parameters_json=text))])
     with pytest.raises(InvalidArgument) as err:
         grpc_api.chat_body(req)
     assert err.value.param == "tools[0].function.parameters_json"
