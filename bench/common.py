@@ -37,3 +37,27 @@ def table(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")
+
+
+async def embeddings_rate(base_url: str, headers: dict, n: int, clients: int) -> float:
+    """``n`` one-sentence embeddings requests through ``base_url`` from ``clients`` concurrent
+    clients: requests per second."""
+    import asyncio
+    import time
+
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120, limits=limits) as c:
+        pending = list(range(n))
+
+        async def worker():
+            while pending:
+                i = pending.pop()
+                r = await c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2",
+                                                         "input": f"sentence number {i} to embed"})
+                r.raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return n / (time.perf_counter() - t0)

@@ -21,11 +21,10 @@ import asyncio
 import sys
 import tempfile
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 
-from .common import table
+from .common import embeddings_rate, table
 from .generation import ENGINE, ROOT, _load
 
 CONCURRENCY = 8
@@ -87,22 +86,7 @@ def _system(tmp: Path, name: str, model: Path, sink: _Sink | None):
 
 
 async def _embed(base_url: str, headers: dict, n: int) -> float:
-    import httpx
-
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60,
-                                 limits=httpx.Limits(max_connections=CONCURRENCY)) as c:
-        pending = list(range(n))
-
-        async def worker():
-            while pending:
-                i = pending.pop()
-                r = await c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2",
-                                                         "input": f"sentence number {i} to embed"})
-                r.raise_for_status()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        return n / (time.perf_counter() - t0)
+    return await embeddings_rate(base_url, headers, n, CONCURRENCY)
 
 
 def run() -> dict:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import time
 from pathlib import Path
 
-from .common import table
+from .common import embeddings_rate, table
 
 CLIENTS = 64
 ROUNDS = 4  # per side, alternating
@@ -28,22 +27,7 @@ endpoints:
 
 
 async def _round(base_url: str, headers: dict, n: int) -> float:
-    import httpx
-
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120, limits=limits) as c:
-        pending = list(range(n))
-
-        async def worker():
-            while pending:
-                i = pending.pop()
-                r = await c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2",
-                                                         "input": f"sentence {i} to embed"})
-                r.raise_for_status()
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CLIENTS)))
-        return n / (time.perf_counter() - t0)
+    return await embeddings_rate(base_url, headers, n, CLIENTS)
 
 
 def run() -> dict:
