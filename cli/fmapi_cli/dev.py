@@ -112,7 +112,11 @@ def up_command(args) -> int:
                 print(f"fmapi: {failed.name} exited ({failed.proc.returncode}); starting it again",
                       file=sys.stderr, flush=True)
                 restarts[failed.name] = [*recent, now]
-                system.restart(failed.name)
+                try:
+                    system.restart(failed.name)
+                except ChildFailed as exc:  # died again while starting: counts as a restart
+                    print(f"fmapi: {failed.name} did not start again: {exc}", file=sys.stderr,
+                          flush=True)
             time.sleep(0.5)
     except KeyboardInterrupt:
         return 0

@@ -10,7 +10,13 @@ import grpc
 from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
 from fmapi_common.channels import ChannelPool, make_channel
-from fmapi_common.errors import DeadlineExceeded, FmapiError, Unavailable, from_rpc_error
+from fmapi_common.errors import (
+    UNREACHABLE,
+    DeadlineExceeded,
+    FmapiError,
+    Unavailable,
+    from_rpc_error,
+)
 from fmapi_common.tls import EMBEDDING, GENERATION, ROUTING, TlsFiles
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -62,10 +68,11 @@ class Backends:
         return self.registry.router.resolve(name, avoid)
 
     def unreachable(self, address: str, exc: FmapiError) -> bool:
-        """A call to the model server at ``address`` failed with ``exc``: if it says the server
-        is gone (UNAVAILABLE), avoid it for a while (its registration outlives it by up to its
-        TTL) and return True, so the caller may try another replica."""
-        if not isinstance(exc, Unavailable):
+        """A call to the model server at ``address`` failed with ``exc``: if the server is gone
+        (the transport failed; not a live server refusing), avoid it for a while (its
+        registration outlives it by up to its TTL) and return True, so the caller may try
+        another replica."""
+        if not isinstance(exc, Unavailable) or exc.reason != UNREACHABLE:
             return False
         self._down[address] = time.monotonic() + UNREACHABLE_AVOID_S
         if len(self._down) > 1024:  # forget the oldest: a bound, not a policy

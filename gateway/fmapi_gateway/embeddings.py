@@ -5,13 +5,15 @@ service admit them, embed, and settle (exactly once, whatever happens)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fmapi.embedding.v1 import embedding_pb2
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import FmapiError, InvalidArgument
+from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -41,13 +43,16 @@ async def embed(
     *,
     dimensions: int | None = None,
     instruction: str | None = None,
+    status: Callable[[BaseException], int] = status_of,
 ) -> Embeddings:
+    """``status`` says what an exception means for the caller (the gRPC API maps its client's
+    expired deadline to 504)."""
     seen: list[str] = []  # the endpoint, once it is known to exist (a bounded metric label)
     try:
         res, req, meter = await _admit(backends, caller, endpoint_name, inputs, tags, seen,
                                        dimensions=dimensions, instruction=instruction)
     except BaseException as exc:
-        metrics.finished(seen[0] if seen else "", status_of(exc), caller.principal_kind)
+        metrics.finished(seen[0] if seen else "", status(exc), caller.principal_kind)
         raise
     ep = res.endpoint
     if meter is None:  # an unmetered gateway (benchmarks)
@@ -56,7 +61,7 @@ async def embed(
     try:
         resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
     except BaseException as exc:
-        meter.settle(output_tokens=0, status_code=status_of(exc))
+        meter.settle(output_tokens=0, status_code=status(exc))
         raise
     result = _result(ep.name, res.model, resp, meter.headers)
     meter.settle(output_tokens=0, status_code=200, input_tokens=resp.input_tokens,
@@ -69,10 +74,11 @@ async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
                  dimensions: int | None, instruction: str | None):
     """Resolve, check, count and admit: everything that may refuse before anything runs."""
     check_endpoint_name(endpoint_name, "model")
+    with contextlib.suppress(NotFound):  # (resolve says so, below)
+        seen.append((await backends.get_endpoint(endpoint_name)).name)
     require_query(caller, endpoint_name)
     res = await backends.resolve(endpoint_name)
     ep = res.endpoint
-    seen.append(ep.name)
     require_task(ep, routing_pb2.TASK_EMBEDDINGS)
     settings = ep.embedding
     if dimensions is not None:
@@ -109,6 +115,7 @@ async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
         if not backends.unreachable(res.replica.address, exc):
             raise
         res = await backends.resolve(endpoint_name)
+        req.model = res.model  # the traffic split may pick another served model this time
         tokens = await backends.count_embedding_tokens(res.replica.address, req)
     meter = await backends.quota.admit(
         tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,

@@ -15,16 +15,17 @@ raises ``DeadlineExceeded`` and ends the stream, which aborts its engine request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import DeadlineExceeded, FmapiError
+from fmapi_common.errors import DeadlineExceeded, FmapiError, NotFound
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -178,12 +179,15 @@ def _characters(req: pb.GenerateRequest) -> int:
     return len(req.prompt)
 
 
-async def start(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags) -> Run:
+async def start(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags,
+                status: Callable[[BaseException], int] = status_of) -> Run:
+    """``status`` says what an exception means for the caller (the gRPC API maps its client's
+    expired deadline to 504)."""
     seen: list[str] = []  # the endpoint, once it is known to exist (a bounded metric label)
     try:
         res, meter = await _admit(backends, caller, call, tags, seen)
     except BaseException as exc:
-        metrics.finished(seen[0] if seen else "", status_of(exc), caller.principal_kind)
+        metrics.finished(seen[0] if seen else "", status(exc), caller.principal_kind)
         raise
     cap = backends.request_cap(res.endpoint)
     streams = [open_generation(backends, res.replica.address, req, cap) for req in call.requests]
@@ -192,7 +196,7 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
     try:
         await run.read_firsts()
     except BaseException as exc:
-        run.close(status_of(exc))
+        run.close(status(exc))
         raise
     return run
 
@@ -201,9 +205,10 @@ async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tag
                  seen: list[str]):
     """Resolve, check, count and admit: everything that may refuse before anything runs."""
     check_endpoint_name(call.endpoint, "model")
+    with contextlib.suppress(NotFound):  # (resolve says so, below)
+        seen.append((await backends.get_endpoint(call.endpoint)).name)
     require_query(caller, call.endpoint)
     res = await backends.resolve(call.endpoint)
-    seen.append(res.endpoint.name)
     require_task(res.endpoint, routing_pb2.TASK_CHAT, routing_pb2.TASK_COMPLETIONS)
     default_max = res.endpoint.limits.default_max_tokens
     for k, req in enumerate(call.requests):

@@ -18,7 +18,7 @@ import inspect
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from google.protobuf.message import Message
@@ -35,7 +35,7 @@ from . import generation
 from .backends import Backends
 from .callers import require_query, verified
 from .embeddings import embed
-from .http_common import trace_id
+from .http_common import check_depth, trace_id
 from .openai_embeddings import parse_request
 from .openai_generation import FINISH, parse_chat, parse_completion
 from .quota import CLIENT_CLOSED, UsageTags, status_of
@@ -56,6 +56,8 @@ _COMPLETE_FIELDS = {"model": "endpoint", "top_logprobs": "logprobs",
                     **{k: f"sampling.{k}" for k in _SAMPLING}}
 _EMBED_FIELDS = {"model": "endpoint", "input": "texts", "encoding_format": "encoding"}
 _MODEL_FIELDS = {"model": "endpoint", "name": "endpoint"}
+# Parameters whose values (endpoint names) messages quote too.
+_NAMED_BY_VALUE = frozenset({"model", "name"})
 
 
 def _head(param: str) -> str:
@@ -78,7 +80,10 @@ def _rename(exc: FmapiError, fields: Mapping[str, str]) -> None:
     if new is None:
         return
     exc.param = new + exc.param[len(old):]
-    exc.message = re.sub(rf"'{re.escape(old)}(?=['.\[])", f"'{new}", exc.message)
+    if old in _NAMED_BY_VALUE:  # messages quote endpoint names ('model.v2'): only 'model' itself
+        exc.message = exc.message.replace(f"'{old}'", f"'{new}'")
+    else:  # the parameter, or a path under it ('response_format.json_schema.schema')
+        exc.message = re.sub(rf"'{re.escape(old)}(?=['.\[])", f"'{new}", exc.message)
 
 
 def _public_fields(fields: Mapping[str, str]):
@@ -304,6 +309,14 @@ def _deadline_passed(context) -> bool:
     return remaining is not None and remaining <= _DEADLINE_SLACK_S
 
 
+def _status(context) -> Callable[[BaseException], int]:
+    """What an exception means for this call's caller: its own deadline running out ends the
+    call like a timeout (504), not a hang-up (499)."""
+    def status(exc: BaseException) -> int:
+        return _GATEWAY_TIMEOUT if _deadline_passed(context) else status_of(exc)
+    return status
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, backends: Backends, identity_key: bytes) -> None:
         self._backends = backends
@@ -330,6 +343,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._backends, ident, parsed["endpoint"], parsed["inputs"],
             self._tags(context, body, request),
             dimensions=parsed["dimensions"], instruction=parsed["instruction"],
+            status=_status(context),
         )
         await context.send_initial_metadata(_metadata(result.headers))
         n = result.input_tokens
@@ -344,6 +358,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     @_public_fields(_CHAT_FIELDS)
     async def Chat(self, request: pb.ChatRequest, context):
         body = chat_body(request)
+        check_depth(body)
         call = parse_chat(body, None)
         async for resp in self._generate(context, "Chat", body, request, call, pb.ChatResponse):
             yield resp
@@ -351,13 +366,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     @_public_fields(_COMPLETE_FIELDS)
     async def Complete(self, request: pb.CompleteRequest, context):
         body = complete_body(request)
+        check_depth(body)
         call = parse_completion(body, None)
         async for resp in self._generate(context, "Complete", body, request, call, pb.CompleteResponse):
             yield resp
 
     async def _generate(self, context, method: str, body: dict, request, call, cls):
         ident = self._caller(context, method)
-        run = await generation.start(self._backends, ident, call, self._tags(context, body, request))
+        status_of_exc = _status(context)
+        run = await generation.start(self._backends, ident, call, self._tags(context, body, request),
+                                     status=status_of_exc)
         status = CLIENT_CLOSED
         try:
             await context.send_initial_metadata(_metadata(run.meter.headers if run.meter else {}))
@@ -373,8 +391,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             yield cls(id=run.id, usage=pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c))
             status = 200
         except BaseException as exc:
-            # A client's deadline that ran out ends the call like a timeout, not a hang-up.
-            status = _GATEWAY_TIMEOUT if _deadline_passed(context) else status_of(exc)
+            status = status_of_exc(exc)
             raise
         finally:
             run.close(status)

@@ -81,6 +81,11 @@ def _check_depth(raw: bytes, body: dict) -> None:
     """400 naming the field whose value nests deeper than :data:`MAX_JSON_DEPTH` levels."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
         return  # too few brackets to nest that deep (brackets inside strings only add to this)
+    check_depth(body)
+
+
+def check_depth(body: dict) -> None:
+    """The same limit on a body built another way (the gRPC API's, from its JSON-text fields)."""
     for key, value in body.items():
         if _depth(value, MAX_JSON_DEPTH) >= MAX_JSON_DEPTH:
             raise InvalidArgument(

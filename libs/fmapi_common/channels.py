@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 
@@ -21,15 +22,21 @@ _OPTIONS = [
 # to; a replica that dies leaves the rotation as soon as its connection breaks, and comes back
 # when it can be dialled again.
 # A call that failed UNAVAILABLE (its replica died or refused it) is tried on another replica,
-# for the services whose every method is safe to repeat: quota's are idempotent per request id,
-# routing's and usage's are reads or idempotent registrations. (Auth's token management is not:
-# a token created twice is not the same as once.)
+# for the methods that are safe to repeat: quota's (idempotent per request id), usage's reads,
+# routing's reads, registrations and declarative apply. Not routing's create/update/delete of
+# an endpoint (a change that was made, then retried, would answer 409/404) nor auth's token
+# management (a token created twice is not the same as once).
+_IPV4_PORT = re.compile(r"(\d{1,3}\.){3}\d{1,3}:\d{1,5}")
+_ROUTING_REPEATABLE = ("ResolveEndpoint", "GetEndpoint", "ListEndpoints", "ListReplicas",
+                       "WatchRegistry", "RegisterReplica", "Heartbeat", "DeregisterReplica",
+                       "ApplyEndpoints")
 _REPLICAS_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "fmapi.quota.v1.QuotaService"},
-                 {"service": "fmapi.routing.v1.RoutingService"},
-                 {"service": "fmapi.usage.v1.UsageService"}],
+                 {"service": "fmapi.usage.v1.UsageService"},
+                 *({"service": "fmapi.routing.v1.RoutingService", "method": m}
+                   for m in _ROUTING_REPEATABLE)],
         "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
     }],
@@ -41,6 +48,10 @@ def target(address: str) -> tuple[str, list[tuple[str, object]]]:
     comma-separated (``127.0.0.1:7001,127.0.0.1:7002``: replicas of one service)."""
     if "," not in address:
         return address, []
+    bad = [a for a in address.split(",") if not _IPV4_PORT.fullmatch(a.strip())]
+    if bad:
+        raise ValueError(f"several replicas must be IPv4 host:port pairs, not {bad} (one name "
+                         "resolving to every replica, e.g. a headless Service, is one address)")
     # A replica that died and came back is dialled again within a second or two (gRPC's
     # default backoff grows to two minutes).
     return "ipv4:" + address, [("grpc.service_config", _REPLICAS_CONFIG),

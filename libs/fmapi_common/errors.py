@@ -16,6 +16,9 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "fmapi"
+# The reason of an UNAVAILABLE that came from the transport (no status details): the server is
+# gone or cannot be reached, as opposed to a live server refusing for now.
+UNREACHABLE = "upstream_unreachable"
 # Longest message carried in a gRPC status: messages may quote what a caller sent, and gRPC
 # trailers are limited (an oversized one turns into a transport error).
 MAX_MESSAGE_CHARS = 1024
@@ -207,8 +210,11 @@ def from_rpc_error(exc: grpc.RpcError) -> FmapiError:
                 any_.Unpack(ri)
                 retry_after = ri.retry_delay.seconds + ri.retry_delay.nanos / 1e9
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and reason is None:
+        # No status details: the transport failed (the server is gone or unreachable), not the
+        # server's own refusal.
         cls: type[FmapiError] = Unavailable
         message = f"upstream service unavailable: {message}"
+        reason = UNREACHABLE
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason is None:
         # From the transport (a message or its trailers over a size limit), not a rate limit.
         cls = Internal

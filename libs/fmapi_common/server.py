@@ -100,8 +100,7 @@ async def start_grpc_service(
     (Envoy's ext_authz ``Check``); every other method keeps both.
     """
     # Health's Watch streams with context.write (a coroutine, not a generator), which the
-    # tracing interceptor cannot wrap; it needs neither tracing nor error mapping. Clients that
-    # balance over replicas (channels.make_channel) watch it.
+    # tracing interceptor cannot wrap; it needs neither tracing nor error mapping.
     bare = (*bare_methods, "/grpc.health.v1.Health/Watch")
     tls = config.tls()
     if tls is None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
 
 from fmapi_cli.system import GenerationSpec, System, SystemOptions
-from helpers.engine import running_requests
+from helpers.engine import running_requests, wait_for
 from helpers.tiny_llm import LONG_GENERATION, TINY_ENGINE_ENV
 
 EMBED = "all-minilm-l6-v2"
@@ -151,6 +152,14 @@ def test_replicas_share_the_work(replicated_system):
         assert _traffic(system, name, name.split("-")[0]) > was, f"{name} got none of 40 requests"
 
 
+def _loaded(system: System, model: str) -> bool:
+    try:
+        running_requests(system, model)
+    except grpc.RpcError:  # UNAVAILABLE while the model loads
+        return False
+    return True
+
+
 def _stream(base_url: str, headers: dict, out: list, i: int) -> None:
     """One long chat stream: what its client saw (the events' kinds, and how it ended)."""
     seen = {"chunks": 0, "error": None, "done": False}
@@ -176,15 +185,18 @@ def test_killing_a_model_server_ends_only_its_streams_with_an_error_event(replic
     system = replicated_system
     headers = {"authorization": f"Bearer {system.admin_token}"}
     out: list = []
-    threads = [threading.Thread(target=_stream, args=(system.base_url, headers, out, i))
-               for i in range(6)]
-    for t in threads:
-        t.start()
+    threads: list[threading.Thread] = []
+    wait_for(lambda: _loaded(system, "tiny") and _loaded(system, "tiny-2"), 180,
+             "the second model server never finished loading")
+    # Streams start one after another until both model servers run some (the gateway picks a
+    # replica on the load the replicas last reported, so a burst may all land on one).
     deadline = time.monotonic() + 30
-    while running_requests(system, "tiny") + running_requests(system, "tiny-2") < 6 or \
-            min(running_requests(system, "tiny"), running_requests(system, "tiny-2")) == 0:
-        assert time.monotonic() < deadline, "the streams never spread over both model servers"
-        time.sleep(0.05)
+    while len(threads) < 4 or min(running_requests(system, "tiny"), running_requests(system, "tiny-2")) == 0:
+        assert len(threads) < 16 and time.monotonic() < deadline, \
+            "the streams never spread over both model servers"
+        threads.append(threading.Thread(target=_stream, args=(system.base_url, headers, out, len(threads))))
+        threads[-1].start()
+        time.sleep(0.3)
     doomed = running_requests(system, "tiny-2")
     system.child("generation-tiny-2").proc.kill()
     for t in threads:

@@ -107,6 +107,10 @@ def test_a_refusal_names_the_grpc_field_in_its_detail_and_its_message():
                           param="response_format")
     grpc_api._rename(exc, grpc_api._CHAT_FIELDS)
     assert exc.message == "'sampling.response_format.json_schema.schema' must be a JSON schema object"
+    # An endpoint name that starts like the parameter is a value, not the parameter.
+    exc = InvalidArgument("endpoint 'model.v2' does not exist; 'model' names an endpoint", param="model")
+    grpc_api._rename(exc, grpc_api._CHAT_FIELDS)
+    assert exc.message == "endpoint 'model.v2' does not exist; 'endpoint' names an endpoint"
     # A word that only looks like the parameter is left alone.
     exc = InvalidArgument("'n' is too large; 'nx' is fine", param="n")
     grpc_api._rename(exc, grpc_api._CHAT_FIELDS)

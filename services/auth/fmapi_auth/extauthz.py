@@ -123,8 +123,8 @@ def _classify(method: str, raw_path: str) -> Rule:
     if p in _BODY_PATHS:
         return Rule(Access.BODY)
     if p.startswith(_INFERENCE_GRPC):
-        if p == _INFERENCE_GRPC + "ListModels":
-            return Rule(Access.TOKEN)
+        if p in (_INFERENCE_GRPC + "ListModels", _INFERENCE_GRPC + "GetModel"):
+            return Rule(Access.TOKEN)  # the gateway checks GetModel's endpoint against scopes
         return Rule(Access.BODY)
     if m := _INVOCATIONS.match(p):
         return Rule(Access.QUERY, m.group(1))
