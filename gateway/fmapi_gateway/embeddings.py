@@ -13,7 +13,7 @@ import numpy as np
 
 from fmapi.embedding.v1 import embedding_pb2
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
+from fmapi_common.errors import FmapiError, InvalidArgument
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -74,7 +74,7 @@ async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
                  dimensions: int | None, instruction: str | None):
     """Resolve, check, count and admit: everything that may refuse before anything runs."""
     check_endpoint_name(endpoint_name, "model")
-    with contextlib.suppress(NotFound):  # (resolve says so, below)
+    with contextlib.suppress(FmapiError):  # only a metric label: resolve refuses, below
         seen.append((await backends.get_endpoint(endpoint_name)).name)
     require_query(caller, endpoint_name)
     res = await backends.resolve(endpoint_name)

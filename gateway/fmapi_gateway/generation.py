@@ -25,7 +25,7 @@ import grpc
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import DeadlineExceeded, FmapiError, NotFound
+from fmapi_common.errors import DeadlineExceeded, FmapiError
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -205,7 +205,7 @@ async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tag
                  seen: list[str]):
     """Resolve, check, count and admit: everything that may refuse before anything runs."""
     check_endpoint_name(call.endpoint, "model")
-    with contextlib.suppress(NotFound):  # (resolve says so, below)
+    with contextlib.suppress(FmapiError):  # only a metric label: resolve refuses, below
         seen.append((await backends.get_endpoint(call.endpoint)).name)
     require_query(caller, call.endpoint)
     res = await backends.resolve(call.endpoint)

@@ -153,9 +153,12 @@ class CountingInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call by method (``fmapi_grpc_server_started_total``), refused ones too."""
 
     async def intercept_service(self, continuation, handler_call_details):
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        handler = await continuation(handler_call_details)
+        # Only methods this server has: a caller's made-up names would grow the label set.
+        service, method = ("unknown", "unknown") if handler is None else \
+            handler_call_details.method.lstrip("/").rpartition("/")[::2]
         RPCS_STARTED.labels(service, method).inc()
-        return await continuation(handler_call_details)
+        return handler
 
 
 def start_metrics_server(host: str, port: int, port_file: str | None) -> int:
