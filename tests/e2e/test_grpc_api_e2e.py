@@ -14,12 +14,12 @@ import uuid
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from fmapi.inference.v1 import inference_pb2 as pb
 from fmapi.inference.v1 import inference_pb2_grpc
 from helpers.engine import running_requests, wait_for
+from helpers.rich_status import details as status_details
 from helpers.tiny_llm import LONG_GENERATION
 from helpers.usage import records
 
@@ -49,15 +49,7 @@ def md(system):
 def details(err: grpc.RpcError) -> dict:
     st = rpc_status.from_call(err)
     assert st is not None, f"no google.rpc.Status on {err.code()}: {err.details()}"
-    out = {}
-    for any_ in st.details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
-                    error_details_pb2.RetryInfo):
-            if any_.Is(cls.DESCRIPTOR):
-                msg = cls()
-                any_.Unpack(msg)
-                out[cls.__name__] = msg
-    return out
+    return status_details(st)
 
 
 # ---------------------------------------------------------------- parity with REST SSE

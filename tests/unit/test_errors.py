@@ -108,17 +108,9 @@ def test_a_bare_resource_exhausted_is_not_a_rate_limit():
     ],
 )
 def test_rich_status_carries_a_stable_reason_the_field_and_when_to_retry(err, reason, retry):
-    from google.rpc import error_details_pb2
+    from helpers.rich_status import details
 
-    st = e.rich_status(err)
-    found = {}
-    for any_ in st.details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
-                    error_details_pb2.RetryInfo):
-            if any_.Is(cls.DESCRIPTOR):
-                msg = cls()
-                any_.Unpack(msg)
-                found[cls.__name__] = msg
+    found = details(e.rich_status(err))
     info = found["ErrorInfo"]
     assert (info.reason, info.domain, info.metadata["code"]) == (reason, "fmapi", err.reason)
     if err.param:
