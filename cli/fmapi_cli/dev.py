@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -28,6 +29,13 @@ def add_parser(subparsers) -> None:
                     help="replicas per service, e.g. gateway=2,auth=2,routing=2,quota=2,"
                          "embedding=2 (services: " + ", ".join(REPLICATED) + "; default 1 each)")
     up.set_defaults(func=up_command)
+    scale = sub.add_parser(
+        "scale", help="change the number of gateway or auth replicas of a running `dev up`")
+    scale.add_argument("replicas", type=scaled, metavar="SERVICE=N,...",
+                       help="e.g. gateway=3,auth=2 (" + " and ".join(SCALED) + " only)")
+    scale.add_argument("--runtime-dir", default=str(ROOT / ".fmapi" / "run"),
+                       help="the runtime directory of the running `dev up` (default .fmapi/run)")
+    scale.set_defaults(func=scale_command)
 
 
 REPLICATED = ("gateway", "auth", "routing", "quota", "usage", "embedding")
@@ -50,6 +58,67 @@ def replicas(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(f"{part!r}: N must be 1 to {MAX_REPLICAS}")
         out[name] = int(count)
     return out
+
+
+# Services whose replicas come and go while the system runs (Envoy discovers them).
+SCALED = ("gateway", "auth")
+SCALE_TIMEOUT = 120.0
+
+
+def scaled(text: str) -> dict[str, int]:
+    import argparse
+
+    out = replicas(text)
+    if not out or set(out) - set(SCALED):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SERVICE=N with SERVICE one of "
+                                         f"{', '.join(SCALED)}")
+    return out
+
+
+def scale_command(args) -> int:
+    """Ask the running ``dev up`` (through a request file in its runtime directory) to scale,
+    and wait for its answer."""
+    run_dir = Path(args.runtime_dir)
+    if not (run_dir / "envoy-admin.sock").exists():
+        print(f"fmapi: no running `fmapi dev up` in {run_dir}", file=sys.stderr)
+        return 1
+    request, answer = run_dir / "scale.request", run_dir / "scale.answer"
+    answer.unlink(missing_ok=True)
+    tmp = run_dir / "scale.request.tmp"
+    tmp.write_text(json.dumps(args.replicas))
+    os.replace(tmp, request)
+    deadline = time.monotonic() + SCALE_TIMEOUT
+    while not answer.exists():
+        if time.monotonic() > deadline:
+            print("fmapi: `dev up` did not answer (is it running?)", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    result = json.loads(answer.read_text())
+    answer.unlink(missing_ok=True)
+    if "error" in result:
+        print(f"fmapi: {result['error']}", file=sys.stderr)
+        return 1
+    for service, names in result.items():
+        print(f"{service}: {len(names)} replica(s): {', '.join(names)}")
+    return 0
+
+
+def _serve_scale_requests(system: System) -> None:
+    """Apply a pending ``fmapi dev scale`` request, if any, and answer it."""
+    request = system.run_dir / "scale.request"
+    if not request.exists():
+        return
+    try:
+        wanted = json.loads(request.read_text())
+        request.unlink()
+        answer = {service: system.scale(service, int(n)) for service, n in wanted.items()}
+        print(f"fmapi: scaled: {answer}", flush=True)
+    except (ValueError, TypeError, AttributeError, ChildFailed) as exc:
+        request.unlink(missing_ok=True)
+        answer = {"error": str(exc)}
+    tmp = system.run_dir / "scale.answer.tmp"
+    tmp.write_text(json.dumps(answer))
+    os.replace(tmp, system.run_dir / "scale.answer")
 
 
 def up_command(args) -> int:
@@ -117,6 +186,7 @@ def up_command(args) -> int:
                 except ChildFailed as exc:  # died again while starting: counts as a restart
                     print(f"fmapi: {failed.name} did not start again: {exc}", file=sys.stderr,
                           flush=True)
+            _serve_scale_requests(system)
             time.sleep(0.5)
     except KeyboardInterrupt:
         return 0

@@ -111,6 +111,9 @@ class System:
         self._specs: dict[str, tuple] = {}  # name -> how it was spawned (for restart)
         self.redis_url = ""
         self.http_port = 0
+        # The gateway and auth replicas Envoy routes to (its hosts, written by _write_eds).
+        self.edge: dict[str, list[str]] = {}
+        self._eds_version = 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -273,18 +276,24 @@ class System:
             # Benchmarks only: the client signs identities as auth would, bound to a request id
             # of its own, which this Envoy must then keep.
             hcm["typed_config"]["preserve_external_request_id"] = True
-        ports = {"gateway_http": ("gateway", "-http"), "gateway_grpc": ("gateway", ""),
-                 "auth": ("auth", "")}
+        # Who this Envoy is (endpoint discovery from files needs a name).
+        cfg["node"] = {"id": name, "cluster": "fmapi-edge"}
         for cluster in cfg["static_resources"]["clusters"]:
-            if cluster["name"] in ports:
-                service, suffix = ports[cluster["name"]]
-                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
-                    {"endpoint": {"address": {"socket_address": {
-                        "address": "127.0.0.1",
-                        "port_value": self.ports[_replica(service, i) + suffix],
-                    }}}}
-                    for i in range(self.opts.count(service))
-                ]
+            if cluster["name"] in EDGE_CLUSTERS:
+                # Replicas come and go at run time (add_replica, retire_replica): Envoy watches
+                # a file per cluster (endpoint discovery from the file system) and health-checks
+                # every host in it.
+                path = self._eds_file(cluster["name"])
+                del cluster["load_assignment"]
+                cluster["type"] = "EDS"
+                # A host taken out of the file leaves at once (not when its health checks fail):
+                # retire_replica drains it before stopping it.
+                cluster["ignore_health_on_host_removal"] = True
+                cluster["eds_cluster_config"] = {"eds_config": {
+                    "resource_api_version": "V3",
+                    "path_config_source": {"path": str(path),
+                                           "watched_directory": {"path": str(path.parent)}},
+                }}
         if self.opts.tls:
             upstream = {"auth": AUTH, "gateway_grpc": GATEWAY, "gateway_http": GATEWAY}
             for cluster in cfg["static_resources"]["clusters"]:
@@ -296,6 +305,99 @@ class System:
                 )
         return cfg
 
+    # ------------------------------------------------------------ edge replicas
+
+    def _eds_file(self, cluster: str) -> Path:
+        return self.run_dir / "eds" / f"{cluster}.json"
+
+    def _write_eds(self) -> None:
+        """Write the hosts of Envoy's gateway and auth clusters (each replica in
+        ``self.edge``), each file replaced whole by a rename (what Envoy watches for)."""
+        self._eds_version += 1
+        for cluster, (service, suffix) in EDGE_CLUSTERS.items():
+            path = self._eds_file(cluster)
+            path.parent.mkdir(exist_ok=True)
+            assignment = {
+                "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                "cluster_name": cluster,
+                "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {
+                        "address": "127.0.0.1", "port_value": self.ports[name + suffix]}}}}
+                    for name in self.edge[service]]}],
+            }
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"version_info": str(self._eds_version),
+                                       "resources": [assignment]}))
+            os.replace(tmp, path)
+
+    def envoy_hosts(self, cluster: str, name: str = "envoy") -> list[int]:
+        """The ports of the hosts Envoy has in ``cluster`` now (from its admin interface)."""
+        stats = self.envoy_admin("/clusters?format=json",
+                                 socket=self.run_dir / f"{name}-admin.sock").json()
+        for c in stats.get("cluster_statuses", []):
+            if c["name"] == cluster:
+                return sorted(h["address"]["socket_address"]["port_value"]
+                              for h in c.get("host_statuses", []))
+        return []
+
+    def _wait_envoy_hosts(self, timeout: float = 10.0) -> None:
+        """Wait until Envoy holds exactly the hosts the files name."""
+        deadline = time.monotonic() + timeout
+        for cluster, (service, suffix) in EDGE_CLUSTERS.items():
+            want = sorted(self.ports[n + suffix] for n in self.edge[service])
+            while self.envoy_hosts(cluster) != want:
+                if time.monotonic() > deadline:
+                    raise ChildFailed(f"Envoy did not pick up the {cluster} hosts {want}")
+                time.sleep(0.05)
+
+    def add_replica(self, service: str, timeout: float = 60.0) -> str:
+        """Start one more replica of ``service`` (``gateway`` or ``auth``) while the system
+        runs, like the others, and add it to Envoy's hosts once it listens; returns its name."""
+        if service not in self.edge:
+            raise ValueError(f"replicas can be added at run time to {sorted(self.edge)} only")
+        taken = {c.name for c in self.sup.children} | set(self.edge[service])
+        i = next(i for i in range(1, 1000) if _replica(service, i) not in taken)
+        name = _replica(service, i)
+        module, prefix, env, extra_ports, identity = self._specs[service]
+        # Ports of its own (the first replica's spec names its ports once it was restarted).
+        pinned = {f"{prefix}PORT", *(f"{prefix}{p.upper()}_PORT" for p in extra_ports)}
+        env = {k: v for k, v in env.items() if k not in pinned}
+        self._spawn(name, module, prefix, env, extra_ports, identity)(timeout)
+        self.edge[service].append(name)
+        self._write_eds()
+        self._wait_envoy_hosts()
+        return name
+
+    def retire_replica(self, name: str, timeout: float = 30.0) -> None:
+        """Take a gateway or auth replica out of service without failing a request: out of
+        Envoy's hosts first (new requests go elsewhere), then SIGTERM (it finishes what it has
+        in flight within its grace period) and wait for it to exit."""
+        service = next((s for s, names in self.edge.items() if name in names), None)
+        if service is None:
+            raise ValueError(f"{name} is not a gateway or auth replica Envoy routes to")
+        if len(self.edge[service]) == 1:
+            raise ValueError(f"{name} is the last {service} replica")
+        self.edge[service].remove(name)
+        self._write_eds()
+        self._wait_envoy_hosts()
+        child = self.child(name)
+        child.proc.terminate()
+        child.proc.wait(timeout)
+        self.sup.children.remove(child)
+
+    def scale(self, service: str, count: int) -> list[str]:
+        """Run ``count`` replicas of ``service`` (``gateway`` or ``auth``): add or retire (the
+        newest first) until there are; returns their names."""
+        if service not in self.edge:
+            raise ValueError(f"only {' and '.join(sorted(self.edge))} scale at run time")
+        if count < 1:
+            raise ValueError(f"{service} needs at least one replica, not {count}")
+        while len(self.edge[service]) < count:
+            self.add_replica(service)
+        while len(self.edge[service]) > count:
+            self.retire_replica(self.edge[service][-1])
+        return list(self.edge[service])
+
     def _otlp_endpoint(self) -> str | None:
         """Where the children export spans (the standard OTLP variables), if anywhere."""
         env = {**os.environ, **self.opts.env}
@@ -303,6 +405,9 @@ class System:
 
     def _start_envoy(self) -> None:
         self.envoy_admin_socket = self.run_dir / "envoy-admin.sock"
+        self.edge = {s: [_replica(s, i) for i in range(self.opts.count(s))]
+                     for s in ("gateway", "auth")}
+        self._write_eds()
         self.http_port = self.start_envoy("envoy", ext_authz=self.opts.ext_authz)
 
     def start_envoy(self, name: str, *, ext_authz: bool) -> int:
@@ -402,6 +507,11 @@ class System:
 
     def stop(self) -> None:
         self.sup.stop()
+
+
+# Envoy's clusters whose hosts are replicas: (service, port suffix in System.ports).
+EDGE_CLUSTERS = {"gateway_http": ("gateway", "-http"), "gateway_grpc": ("gateway", ""),
+                 "auth": ("auth", "")}
 
 
 def _replica(service: str, i: int) -> str:

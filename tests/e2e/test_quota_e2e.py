@@ -85,12 +85,15 @@ def test_a_request_limit_is_exact_under_200_concurrent_callers(system):
 
 def test_rate_limit_headers_and_the_sdk_waits_out_a_429(system):
     token = system.admin_token
-    r = embed(system, token, "q-embed-retry", "one two three")
+    # 600 tokens a minute refill 10 a second: a request of ~40 tokens is not refilled by the
+    # time the next one comes, even on a slow machine.
+    counted = "one two three " * 12
+    r = embed(system, token, "q-embed-retry", counted)
     assert r.status_code == 200, r.text
     first = int(r.headers["x-ratelimit-remaining-tokens"])
     assert int(r.headers["x-ratelimit-limit-tokens"]) == 600
     assert r.headers["x-ratelimit-reset-tokens"].endswith("s")
-    r = embed(system, token, "q-embed-retry", "one two three")
+    r = embed(system, token, "q-embed-retry", counted)
     assert int(r.headers["x-ratelimit-remaining-tokens"]) < first
     # Spend the rest, then let the SDK (two retries by default) wait out the 429.
     text = "word " * 100

@@ -6,6 +6,7 @@ takes traffic again."""
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 
@@ -13,6 +14,7 @@ import grpc
 import httpx
 import pytest
 
+from fmapi_cli import dev
 from fmapi_cli.system import GenerationSpec, System, SystemOptions
 from helpers.engine import running_requests, wait_for
 from helpers.tiny_llm import LONG_GENERATION, TINY_ENGINE_ENV
@@ -214,3 +216,48 @@ def test_killing_a_model_server_ends_only_its_streams_with_an_error_event(replic
             r = c.post("/v1/chat/completions", json={
                 "model": CHAT, "messages": [{"role": "user", "content": f"after {i}"}], "max_tokens": 4})
             assert r.status_code == 200, r.text
+
+
+def _scale(system: System, spec: str) -> None:
+    """``fmapi dev scale SPEC`` against this system, answered as ``fmapi dev up`` answers it."""
+    out: dict[str, int] = {}
+    ask = threading.Thread(target=lambda: out.setdefault("rc", dev.scale_command(
+        argparse.Namespace(replicas=dev.scaled(spec), runtime_dir=str(system.run_dir)))))
+    ask.start()
+    deadline = time.monotonic() + 120
+    while ask.is_alive():
+        assert time.monotonic() < deadline, "fmapi dev scale did not finish"
+        dev._serve_scale_requests(system)
+        time.sleep(0.1)
+    assert out["rc"] == 0
+
+
+def test_gateway_and_auth_replicas_come_and_go_at_run_time_without_a_failed_request(
+        replicated_system):
+    """Envoy discovers replicas as they come and go (``fmapi dev scale``): a third gateway and
+    auth replica started under load get traffic; retired again (out of Envoy's hosts, then
+    SIGTERM), no request fails."""
+    system = replicated_system
+    headers = {"authorization": f"Bearer {system.admin_token}"}
+    with Load(system) as load:
+        time.sleep(2)
+        _scale(system, "gateway=3,auth=3")
+        added = {service: system.edge[service][-1] for service in ("gateway", "auth")}
+        assert added == {"gateway": "gateway-3", "auth": "auth-3"}
+        deadline = time.monotonic() + 10
+        with httpx.Client(base_url=system.base_url, headers=headers, timeout=10) as c:
+            while not all(_traffic(system, name, service) > 0 for service, name in added.items()):
+                assert time.monotonic() < deadline, "a replica added at run time got no traffic"
+                assert c.post("/v1/embeddings", json={"model": EMBED, "input": "new"}).status_code == 200
+                time.sleep(0.1)
+        time.sleep(1)
+        procs = {name: system.child(name).proc for name in added.values()}
+        _scale(system, "gateway=2,auth=2")
+        assert all(proc.poll() is not None for proc in procs.values()), "a retired replica runs"
+        time.sleep(2)
+    results = load.results
+    assert len(results) > 20, "the load did not run"
+    assert all(r[2] == 200 for r in results), (
+        [r[2] for r in results if r[2] != 200], load.errors)
+    assert system.envoy_hosts("gateway_http") == sorted(
+        [system.ports["gateway-http"], system.ports["gateway-2-http"]])

@@ -35,3 +35,19 @@ def test_counts_default_to_one_and_keep_the_older_spellings(tmp_path):
     assert SystemOptions(runtime_dir=tmp_path, gateways=3, replicas={"gateway": 2}).count("gateway") == 2
     with pytest.raises(ValueError):
         SystemOptions(runtime_dir=tmp_path, replicas={"quota": 0}).count("quota")
+
+
+@pytest.mark.parametrize("text", ["routing=2", "gateway=2,quota=2", "", "auth=0"])
+def test_dev_scale_takes_only_gateway_and_auth(text):
+    from fmapi_cli.dev import scaled
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        scaled(text)
+
+
+def test_dev_scale_without_a_running_system_says_so(tmp_path, capsys):
+    from fmapi_cli.dev import scale_command, scaled
+
+    rc = scale_command(argparse.Namespace(replicas=scaled("gateway=3"), runtime_dir=str(tmp_path)))
+    assert rc == 1
+    assert "no running `fmapi dev up`" in capsys.readouterr().err

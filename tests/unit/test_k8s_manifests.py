@@ -624,8 +624,9 @@ def k8s_envoy_config() -> dict:
         c["type"] = "STRICT_DNS"
         c["dns_lookup_family"] = "V4_ONLY"
         c["dns_refresh_rate"] = "5s"
-        c["load_assignment"]["endpoints"] = [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": host, "port_value": port}}}}]}]
+        del c["eds_cluster_config"]  # dev up's hosts file; DNS names the replicas here
+        c["load_assignment"] = {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]}
     return cfg
 
 
