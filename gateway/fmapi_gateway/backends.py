@@ -4,6 +4,8 @@ the gateway's copy of the registry that requests resolve against."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -26,6 +28,8 @@ from .config import DEFAULT_REQUEST_TIMEOUT_S
 from .quota import Quota
 from .registry import LocalRegistry
 
+
+T = TypeVar("T")
 
 # How long a model server that failed UNAVAILABLE is avoided (a dead one's registration lives
 # up to its TTL, 10 s, without heartbeats).
@@ -81,6 +85,27 @@ class Backends:
 
     async def get_endpoint(self, name: str) -> routing_pb2.Endpoint:
         return self.registry.router.endpoint(name)
+
+    def endpoint_label(self, name: str) -> str:
+        """``name`` if such an endpoint exists, else "": a refused request's metric label (a
+        bounded set, whatever names callers send)."""
+        try:
+            return self.registry.router.endpoint(name).name
+        except FmapiError:
+            return ""
+
+    async def counted(self, name: str, res: Resolution, count: Callable[[Resolution], Awaitable[T]]
+                      ) -> tuple[Resolution, T]:
+        """``count(res)``: the input tokens counted by the model server ``res`` chose. If that
+        server is gone (killed, its registration not expired yet), endpoint ``name`` is resolved
+        again, avoiding it, and counted on another; returns the resolution that counted."""
+        try:
+            return res, await count(res)
+        except FmapiError as exc:
+            if not self.unreachable(res.replica.address, exc):
+                raise
+        res = await self.resolve(name)
+        return res, await count(res)
 
     async def list_endpoints(self) -> list[routing_pb2.Endpoint]:
         view = self.registry.view

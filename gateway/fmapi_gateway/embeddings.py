@@ -5,7 +5,6 @@ service admit them, embed, and settle (exactly once, whatever happens)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from fmapi.embedding.v1 import embedding_pb2
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import FmapiError, InvalidArgument
+from fmapi_common.errors import InvalidArgument
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -47,12 +46,12 @@ async def embed(
 ) -> Embeddings:
     """``status`` says what an exception means for the caller (the gRPC API maps its client's
     expired deadline to 504)."""
-    seen: list[str] = []  # the endpoint, once it is known to exist (a bounded metric label)
     try:
-        res, req, meter = await _admit(backends, caller, endpoint_name, inputs, tags, seen,
+        res, req, meter = await _admit(backends, caller, endpoint_name, inputs, tags,
                                        dimensions=dimensions, instruction=instruction)
     except BaseException as exc:
-        metrics.finished(seen[0] if seen else "", status(exc), caller.principal_kind)
+        metrics.finished(backends.endpoint_label(endpoint_name), status(exc),
+                         caller.principal_kind)
         raise
     ep = res.endpoint
     if meter is None:  # an unmetered gateway (benchmarks)
@@ -70,12 +69,10 @@ async def embed(
 
 
 async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
-                 inputs: list[str] | list[list[int]], tags: UsageTags, seen: list[str], *,
+                 inputs: list[str] | list[list[int]], tags: UsageTags, *,
                  dimensions: int | None, instruction: str | None):
     """Resolve, check, count and admit: everything that may refuse before anything runs."""
     check_endpoint_name(endpoint_name, "model")
-    with contextlib.suppress(FmapiError):  # only a metric label: resolve refuses, below
-        seen.append((await backends.get_endpoint(endpoint_name)).name)
     require_query(caller, endpoint_name)
     res = await backends.resolve(endpoint_name)
     ep = res.endpoint
@@ -108,15 +105,12 @@ async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
             req.inputs.add(tokens=embedding_pb2.TokenIds(ids=item))
     if backends.quota is None:
         return res, req, None
-    try:
-        tokens = await backends.count_embedding_tokens(res.replica.address, req)
-    except FmapiError as exc:
-        # The chosen replica is gone (killed, its registration not expired yet): another.
-        if not backends.unreachable(res.replica.address, exc):
-            raise
-        res = await backends.resolve(endpoint_name)
-        req.model = res.model  # the traffic split may pick another served model this time
-        tokens = await backends.count_embedding_tokens(res.replica.address, req)
+
+    def count(chosen):
+        req.model = chosen.model  # a second try's traffic split may pick another served model
+        return backends.count_embedding_tokens(chosen.replica.address, req)
+
+    res, tokens = await backends.counted(endpoint_name, res, count)
     meter = await backends.quota.admit(
         tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,
         output_tokens=0, streaming=False, input_param="input",

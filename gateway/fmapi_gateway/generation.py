@@ -15,7 +15,6 @@ raises ``DeadlineExceeded`` and ends the stream, which aborts its engine request
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +24,7 @@ import grpc
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import DeadlineExceeded, FmapiError
+from fmapi_common.errors import DeadlineExceeded
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -183,11 +182,11 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
                 status: Callable[[BaseException], int] = status_of) -> Run:
     """``status`` says what an exception means for the caller (the gRPC API maps its client's
     expired deadline to 504)."""
-    seen: list[str] = []  # the endpoint, once it is known to exist (a bounded metric label)
     try:
-        res, meter = await _admit(backends, caller, call, tags, seen)
+        res, meter = await _admit(backends, caller, call, tags)
     except BaseException as exc:
-        metrics.finished(seen[0] if seen else "", status(exc), caller.principal_kind)
+        metrics.finished(backends.endpoint_label(call.endpoint), status(exc),
+                         caller.principal_kind)
         raise
     cap = backends.request_cap(res.endpoint)
     streams = [open_generation(backends, res.replica.address, req, cap) for req in call.requests]
@@ -201,12 +200,9 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
     return run
 
 
-async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags,
-                 seen: list[str]):
+async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags):
     """Resolve, check, count and admit: everything that may refuse before anything runs."""
     check_endpoint_name(call.endpoint, "model")
-    with contextlib.suppress(FmapiError):  # only a metric label: resolve refuses, below
-        seen.append((await backends.get_endpoint(call.endpoint)).name)
     require_query(caller, call.endpoint)
     res = await backends.resolve(call.endpoint)
     require_task(res.endpoint, routing_pb2.TASK_CHAT, routing_pb2.TASK_COMPLETIONS)
@@ -218,14 +214,9 @@ async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tag
         req.request_id = f"{tags.request_id}-{k}"
     meter = None
     if backends.quota is not None:
-        try:
-            counts = await backends.count_generation_tokens(res.replica.address, call.requests)
-        except FmapiError as exc:
-            # The chosen replica is gone (killed, its registration not expired yet): another.
-            if not backends.unreachable(res.replica.address, exc):
-                raise
-            res = await backends.resolve(call.endpoint)
-            counts = await backends.count_generation_tokens(res.replica.address, call.requests)
+        res, counts = await backends.counted(
+            call.endpoint, res,
+            lambda chosen: backends.count_generation_tokens(chosen.replica.address, call.requests))
         meter = await backends.quota.admit(
             tags=tags, endpoint=res.endpoint, model=res.model, caller=caller,
             input_tokens=sum(c.prompt_tokens for c in counts),
