@@ -80,6 +80,8 @@ COPY --from=build /opt/venv /opt/venv
 # Endpoint declarations routing can apply at start (FMAPI_ROUTING_ENDPOINTS_FILE), and the
 # probe every Deployment in infra/k8s runs (see infra/k8s/README.md, "Probes").
 COPY infra/endpoints /app/infra/endpoints
+# The web console's static files, served by the gateway under /console/.
+COPY console /app/console
 COPY --chmod=0755 infra/k8s/image/fmapi-healthcheck /usr/local/bin/fmapi-healthcheck
 
 # Models come from packages or local directories, never from a hub at run time.
@@ -88,7 +90,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/fmapi \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    FMAPI_GATEWAY_CONSOLE_DIR=/app/console
 WORKDIR /app
 USER 10001:10001
 # gRPC (every service), the gateway's REST port, metrics, Envoy's public and metrics ports.

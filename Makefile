@@ -15,7 +15,10 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 # redis-server and PostgreSQL are the system packages: Debian's, installed when missing.
-# PostgreSQL's binaries live in /usr/lib/postgresql/<version>/bin (not on PATH).
+# PostgreSQL's binaries live in /usr/lib/postgresql/<version>/bin (not on PATH). Chromium is
+# the browser the web console's tests drive through Playwright's library (pip's `playwright`,
+# never `playwright install`: it would download a browser of its own). The console itself
+# (console/) is plain ES modules served as they are: nothing to build.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
 	@command -v redis-server >/dev/null || { \
@@ -27,6 +30,9 @@ system-deps:
 	@{ command -v node && command -v npm; } >/dev/null || { \
 	  echo "installing nodejs and npm (Debian packages)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
+	@[ -x /usr/bin/chromium ] || { \
+	  echo "installing chromium (Debian package: the web console's browser tests)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

@@ -39,6 +39,8 @@ class GatewayConfig(ServiceConfig):
     # Overall cap on one request, streaming included, for endpoints whose
     # limits.request_timeout_seconds is 0. Either timeout gives 504 and cancels the engine request.
     request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0)
+    # The web console's files, served under /console/ (unset: console/ beside the sources).
+    console_dir: str | None = None
 
     def identity_key_bytes(self) -> bytes:
         return parse_key(self.identity_key.get_secret_value())

@@ -20,6 +20,7 @@ from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
 from fmapi_common.router import endpoint_ready
 
 from . import (
+    console,
     generation,
     generation_views,
     metrics,
@@ -122,7 +123,8 @@ class Api:
 
     async def list_serving_endpoints(self, request: Request) -> JSON:
         eps, live = await asyncio.gather(self._visible(request), self.backends.live_models())
-        return JSON({"endpoints": [serving_endpoints.render(e, endpoint_ready(e, live))
+        replicas = self.backends.registry.view.replicas
+        return JSON({"endpoints": [serving_endpoints.render(e, endpoint_ready(e, live), replicas)
                                    for e in eps]})
 
     async def _readable(self, request: Request) -> routing_pb2.Endpoint:
@@ -141,7 +143,8 @@ class Api:
         return JSON(endpoint_openapi(ep.name, TASK_NAMES.get(ep.task, ""), ep.description))
 
     def _render(self, ep: routing_pb2.Endpoint) -> dict:
-        return serving_endpoints.render(ep, endpoint_ready(ep, self.backends.registry.view.live_models()))
+        view = self.backends.registry.view
+        return serving_endpoints.render(ep, endpoint_ready(ep, view.live_models()), view.replicas)
 
     # ---------------------------------------------------------------- endpoints (admin)
 
@@ -389,4 +392,7 @@ def build_app(config: GatewayConfig, backends: Backends, tokens: TokensApi,
     )
     # /v1/embeddings/ is not /v1/embeddings: a 404, not a redirect built from the Host header.
     app.router.redirect_slashes = False
-    return RequestContextMiddleware(IdentityMiddleware(app, config.identity_key_bytes()))
+    # The web console's static files (/console/) need no identity: they are answered before
+    # IdentityMiddleware; every data call the console makes is an ordinary API call.
+    return RequestContextMiddleware(console.ConsoleFiles(
+        IdentityMiddleware(app, config.identity_key_bytes()), config.console_dir))

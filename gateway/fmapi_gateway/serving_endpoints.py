@@ -13,7 +13,7 @@ endpoint's full fmapi limits) when reading.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from google.protobuf import json_format
 
@@ -279,7 +279,17 @@ def create_request(body: Mapping) -> pb.Endpoint:
 # ---------------------------------------------------------------- writing responses
 
 
-def _config(entities, ep: pb.Endpoint, version: int | None) -> dict:
+def _live_replicas(ep: pb.Endpoint, replicas: Sequence[pb.Replica]) -> int:
+    """Live replicas of one served model that take this endpoint's traffic (the router's rule:
+    a provisioned-throughput endpoint's dedicated ones, else the shared ones)."""
+    dedicated = sum(1 for r in replicas if r.dedicated_endpoint == ep.name)
+    if ep.capacity_mode == pb.CAPACITY_MODE_PROVISIONED_THROUGHPUT and dedicated:
+        return dedicated
+    return sum(1 for r in replicas if not r.dedicated_endpoint)
+
+
+def _config(entities, ep: pb.Endpoint, version: int | None,
+            replicas: Mapping[str, Sequence[pb.Replica]] | None = None) -> dict:
     throughput = {}
     if ep.capacity_mode == pb.CAPACITY_MODE_PROVISIONED_THROUGHPUT:
         throughput = {"min_provisioned_throughput": ep.provisioned_throughput.min_tokens_per_second,
@@ -287,7 +297,10 @@ def _config(entities, ep: pb.Endpoint, version: int | None) -> dict:
     out = {
         "served_entities": [
             {"name": se.name, "entity_name": se.model, "entity_version": "1",
-             "foundation_model": {"name": se.model}, **throughput}
+             "foundation_model": {"name": se.model}, **throughput,
+             # fmapi's addition: live replicas serving this entity's model for this endpoint.
+             **({"live_replicas": _live_replicas(ep, replicas.get(se.model, ()))}
+                if replicas is not None else {})}
             for se in entities
         ],
         "traffic_config": {"routes": [
@@ -332,8 +345,10 @@ def render_ai_gateway(ep: pb.Endpoint) -> dict:
     }
 
 
-def render(ep: pb.Endpoint, ready: bool) -> dict:
-    """The endpoint as ``GET /api/2.0/serving-endpoints/{name}`` returns it."""
+def render(ep: pb.Endpoint, ready: bool,
+           replicas: Mapping[str, Sequence[pb.Replica]] | None = None) -> dict:
+    """The endpoint as ``GET /api/2.0/serving-endpoints/{name}`` returns it; with ``replicas``
+    (live replicas by model), each served entity says how many serve it (``live_replicas``)."""
     body = {
         "name": ep.name,
         "id": ep.name,
@@ -347,7 +362,7 @@ def render(ep: pb.Endpoint, ready: bool) -> dict:
             "ready": "READY" if ready else "NOT_READY",
             "config_update": _UPDATE_NAMES.get(ep.config_update, "NOT_UPDATING"),
         },
-        "config": _config(ep.served_entities, ep, ep.config_version),
+        "config": _config(ep.served_entities, ep, ep.config_version, replicas),
         "ai_gateway": render_ai_gateway(ep),
         "tags": [{"key": k, "value": v} for k, v in sorted(ep.tags.items())],
         "capacity_mode": next((k for k, v in MODES.items() if v == ep.capacity_mode),

@@ -2,7 +2,9 @@
 
 Envoy asks before forwarding any request. The answer:
 
-* ``/healthz`` (and the gRPC health service): allowed without a token.
+* ``/healthz`` (and the gRPC health service): allowed without a token; so is reading the web
+  console's static files (``GET``/``HEAD`` ``/console`` and ``/console/...``), whose every
+  data call is an API call with a token.
 * Otherwise the request needs ``authorization: Bearer <fmapi token>`` (HTTP header or gRPC
   metadata; the Databricks SDK and the OpenAI SDK both send exactly this).
 * Allowed: an OkHttpResponse that sets the signed identity headers
@@ -101,6 +103,7 @@ _TOKEN_MGMT = re.compile(r"^/api/2\.0/(?:token|tokens|token-management|fmapi)(?:
 _INFERENCE_GRPC = "/fmapi.inference.v1.InferenceService/"
 _INTERNAL_GRPC = re.compile(r"^/fmapi\.(?:auth|routing|quota|generation|embedding)\.v\d+\.")
 _READ_METHODS = frozenset({"GET", "HEAD"})
+_CONSOLE = "/console"  # the web console's static files (gateway/fmapi_gateway/console.py)
 
 
 def classify(method: str, path: str) -> Rule:
@@ -119,6 +122,8 @@ def _classify(method: str, raw_path: str) -> Rule:
         raise InvalidArgument("request path must not contain '.' or '..' segments")
     p = re.sub(r"/{2,}", "/", p)
     if p == "/healthz" or p.startswith("/grpc.health.v1.Health/"):
+        return Rule(Access.PUBLIC)
+    if method in _READ_METHODS and (p == _CONSOLE or p.startswith(_CONSOLE + "/")):
         return Rule(Access.PUBLIC)
     if p in _BODY_PATHS:
         return Rule(Access.BODY)
