@@ -101,7 +101,10 @@ export function summary(result) {
   const u = result.usage;
   if (u) parts.push(`${u.prompt_tokens} in / ${u.completion_tokens} out tokens`);
   parts.push(`total ${(result.totalMs / 1000).toFixed(2)} s`);
-  if (u && u.completion_tokens && result.ttftMs !== null && result.totalMs > result.ttftMs) {
+  // The decode rate after the first token; not shown when the rest arrived in one burst
+  // (a rate over a few milliseconds says nothing).
+  if (u && u.completion_tokens > 1 && result.ttftMs !== null &&
+      result.totalMs - result.ttftMs >= 50) {
     const rate = (u.completion_tokens - 1) / ((result.totalMs - result.ttftMs) / 1000);
     if (rate > 0 && Number.isFinite(rate)) parts.push(`${rate.toFixed(1)} tokens/s`);
   }
