@@ -97,17 +97,18 @@ lint: install ## buf lint (STANDARD) on the protos, buf breaking on the public A
 run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:8080; FMAPI_HTTP_PORT overrides)
 	$(BIN)/fmapi dev up
 
-test: install lint ## install everything and run the whole test suite
-	$(BIN)/python -m pytest tests
-
-# The e2e tier on two replicas of every stateless service (the fault tests, which start their
-# own replicated system, are in `make test`). Not yet part of `make test`: see README.
+# The whole suite, then the e2e tier once more on two replicas of every stateless service (the
+# fault tests, which start their own replicated system, run in the first pass only).
 TEST_REPLICAS := gateway=2,auth=2,routing=2,quota=2,embedding=2
-test-replicas: install ## the e2e tier again, on replicas
+test: install lint ## install everything and run the whole test suite (e2e also on replicas)
+	$(BIN)/python -m pytest tests
+	$(MAKE) --no-print-directory test-replicas
+
+test-replicas: install ## the e2e tier on replicas only
 	FMAPI_TEST_REPLICAS=$(TEST_REPLICAS) $(BIN)/python -m pytest tests/e2e \
 	  --deselect tests/e2e/test_replica_faults_e2e.py
 
-BENCH_NAMES := embeddings generation auth quota usage observability replicas
+BENCH_NAMES := embeddings generation auth quota usage observability replicas profile
 bench: install ## run the benchmarks (prints ratios); `make bench quota` runs only that one
 	$(BIN)/python -m bench $(filter $(BENCH_NAMES),$(MAKECMDGOALS))
 ifneq ($(filter bench,$(MAKECMDGOALS)),)
