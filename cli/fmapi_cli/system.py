@@ -212,7 +212,10 @@ class System:
                                    or f"sqlite:///{self.run_dir / 'usage.db'}")
         wait_usages = [self._spawn(_replica("usage", i), "fmapi_usage", "FMAPI_USAGE_",
                                    {"FMAPI_USAGE_DATABASE_URL": self.usage_database_url,
-                                    "FMAPI_USAGE_REDIS_URL": self.redis_url}, identity="usage")
+                                    "FMAPI_USAGE_REDIS_URL": self.redis_url,
+                                    # Its name in the consumer group, the same after a restart.
+                                    "FMAPI_USAGE_CONSUMER": _replica("usage", i)},
+                                   identity="usage")
                        for i in range(n("usage"))]
         usage_addr = ",".join(f"127.0.0.1:{wait(60)}" for wait in wait_usages)
         auth_addr = ",".join(f"127.0.0.1:{wait(30)}" for wait in wait_auths)

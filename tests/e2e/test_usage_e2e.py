@@ -27,31 +27,124 @@ def test_every_request_leaves_one_row_with_what_its_client_was_told(http, db):
     check_mixed(http, db)
 
 
-def test_a_writer_killed_mid_drain_loses_and_duplicates_nothing(system, http, db):
+def test_a_writer_killed_mid_drain_loses_and_duplicates_nothing(system, db):
+    """A backlog builds in Redis while the writer is stopped (SIGSTOP); it resumes under more
+    load, and is killed (SIGKILL) mid-drain: holding records it read and never acknowledged,
+    after it had written and acknowledged others. Restarted under the same consumer name, it
+    finishes them. Every request is one row, none missing, none twice."""
+    import redis
+
+    from fmapi_usage.config import UsageConfig
+
+    fields = UsageConfig.model_fields
+    stream = f"{fields['key_prefix'].default}:{{all-minilm-l6-v2}}:usage"
+    group = fields["consumer_group"].default
+    victim = system.child("usage")
+    consumer = b"usage"  # its name in the group: System sets FMAPI_USAGE_CONSUMER to the replica's
+    # With FMAPI_TEST_REPLICAS=usage=N the other writers would drain the backlog: stopped too.
+    others = [c for c in system.sup.children if c.name.startswith("usage-") and c.alive()]
+    r = redis.Redis.from_url(system.redis_url)
+
+    def state() -> tuple[int, int]:
+        """(records acknowledged and deleted from the stream so far, records the victim read
+        and has not acknowledged)."""
+        info = r.xinfo_stream(stream)
+        mine = [c["pending"] for c in r.xpending(stream, group)["consumers"]
+                if c["name"] == consumer]
+        return info["entries-added"] - info["length"], sum(mine)
+
     tag = f"kill-{uuid.uuid4().hex[:8]}"
-    n = 60
     statuses: list[int] = []
+    lock = threading.Lock()
+    sent = 0
 
-    def load():
-        with httpx.Client(base_url=system.base_url, timeout=60,
-                          headers={"authorization": f"Bearer {system.admin_token}"}) as c:
-            for i in range(n):
-                statuses.append(c.post("/v1/embeddings", json={
-                    "model": "all-minilm-l6-v2", "input": f"sentence {i}",
-                    "client_request_id": f"{tag}-{i}"}).status_code)
+    def load(n: int, threads: int = 4) -> threading.Thread:
+        """``n`` more requests, ``threads`` at a time, in the background."""
+        nonlocal sent
+        ids = iter(range(sent, sent + n))
+        sent += n
 
-    t = threading.Thread(target=load)
-    t.start()
-    while len(statuses) < n // 3:
-        time.sleep(0.01)
-    os.kill(system.child("usage").proc.pid, signal.SIGKILL)
-    time.sleep(0.5)
+        def worker():
+            with httpx.Client(base_url=system.base_url, timeout=60,
+                              headers={"authorization": f"Bearer {system.admin_token}"}) as c:
+                while True:
+                    with lock:
+                        i = next(ids, None)
+                    if i is None:
+                        return
+                    code = c.post("/v1/embeddings", json={
+                        "model": "all-minilm-l6-v2", "input": f"sentence {i}",
+                        "client_request_id": f"{tag}-{i}"}).status_code
+                    with lock:
+                        statuses.append(code)
+
+        pool = [threading.Thread(target=worker) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        done = threading.Thread(target=lambda: [t.join(120) for t in pool])
+        done.start()
+        return done
+
+    # The writer has the endpoint's stream and its group (made when it first sees the endpoint).
+    warm = f"warm-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=system.base_url, timeout=60,
+                      headers={"authorization": f"Bearer {system.admin_token}"}) as c:
+        assert c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "warm",
+                                              "client_request_id": warm}).status_code == 200
+    assert wait_rows(db, warm, 1)
+
+    for c in (victim, *others):
+        os.kill(c.proc.pid, signal.SIGSTOP)
+    loads: list[threading.Thread] = []
+    try:
+        loads.append(load(60))
+        loads[-1].join(120)
+        acked_at_start, _ = state()
+        assert r.xlen(stream) >= 60  # the backlog, waiting
+        # The writer runs in slices of a few milliseconds, more load arriving meanwhile, and is
+        # looked at only while stopped (a sample no acknowledgement can race), until it holds
+        # unacknowledged records after having acknowledged some of the backlog.
+        loads.append(load(60))
+        deadline = time.monotonic() + 60
+        while True:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            time.sleep(0.003)
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            acked, at_kill = state()
+            if at_kill and acked > acked_at_start:
+                break
+            if not loads[-1].is_alive() and not r.xlen(stream):
+                loads.append(load(30))  # drained between two looks: more
+            assert time.monotonic() < deadline, "the writer was never seen mid-drain"
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(10)
+        acked_at_kill = acked - acked_at_start
+        assert state()[1] == at_kill  # read, never acknowledged: they wait for their consumer
+    finally:
+        for c in (victim, *others):
+            if c.alive():
+                os.kill(c.proc.pid, signal.SIGCONT)
+    written_before = len(rows(db, "client_request_id LIKE :t", t=f"{tag}%"))
+    for t in loads:
+        t.join(120)
+    assert statuses == [200] * sent  # metering never depends on the writer
+
+    log_from = victim.log_path.stat().st_size
+    t0 = time.monotonic()
     system.restart("usage")
-    t.join(120)
-    assert statuses == [200] * n  # metering never depends on the writer
-    found = wait_rows(db, tag, n)
-    ids = [r["client_request_id"] for r in found]
-    assert len(ids) == n and len(set(ids)) == n
+    wait_rows(db, tag, sent, timeout=60)
+    took = time.monotonic() - t0
+    if not others:  # alone, it finishes its own records first thing, not after the claim timeout
+        log = victim.log_path.read_bytes()[log_from:].decode(errors="replace")
+        assert "this writer (usage) read before" in log, log[-3000:]
+    time.sleep(1.0)  # anything twice would have arrived by now
+    ids = [row["client_request_id"] for row in rows(db, "client_request_id LIKE :t",
+                                                     t=f"{tag}%")]
+    assert len(ids) == sent and set(ids) == {f"{tag}-{i}" for i in range(sent)}, (
+        len(ids), sent, f"{at_kill} pending at the kill after {acked_at_kill} acknowledged, "
+        f"{written_before} rows written by then, {took:.1f} s after the restart")
+    assert state()[1] == 0 and r.xlen(stream) == 0
+    r.close()
 
 
 def _table(db: str, name: str) -> list[dict]:

@@ -87,7 +87,13 @@ def check_mixed(http: httpx.Client, url: str) -> None:
     told = mixed_requests(http, tag)
     statuses = sorted(t["status"] for k, t in told.items() if "limited" in k)
     assert statuses == [200, 200, 429], told
-    found = {r["client_request_id"]: r for r in wait_rows(url, tag, len(told))}
+    wait_rows(url, tag, len(told))
+    # Exactly one row per request: a stray or duplicated record would have arrived by now (the
+    # writer drains every block_ms, 0.5 s).
+    time.sleep(1.5)
+    got = rows(url, "client_request_id LIKE :t", t=f"{tag}%")
+    assert len(got) == len(told), sorted(r["client_request_id"] for r in got)
+    found = {r["client_request_id"]: r for r in got}
     assert set(found) == set(told), (set(told) ^ set(found))
     for crid, t in told.items():
         row = found[crid]

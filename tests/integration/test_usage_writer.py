@@ -102,6 +102,36 @@ async def test_records_a_dead_writer_read_are_claimed_and_written_once(env):
     assert pending["pending"] == 0
 
 
+async def test_a_writer_restarted_under_its_name_first_finishes_what_it_had_read(env):
+    client, db = env
+    await fill(client, 50, endpoints=("e1", "e2"))
+    # Killed mid-drain: it read a batch (10 of each stream), wrote part of it, acknowledged
+    # nothing.
+    dead = UsageWriter(client, db, consumer="usage-1", batch_size=10, block_ms=50)
+    taken = await dead._read(await dead._streams())
+    assert len(taken) == 20 and {k for k, _, _ in taken} == {f"{PREFIX}:{{e1}}:usage",
+                                                             f"{PREFIX}:{{e2}}:usage"}
+    await asyncio.to_thread(db.insert_usage, [usage_row(f) for _, _, f in taken[:8]])
+    # One of those was also deleted from its stream: only its acknowledgement was lost.
+    gone_key, gone_id, _ = taken[7]
+    await client.xdel(gone_key, gone_id)
+
+    # Restarted under the same name, with a claim timeout it never reaches here: its first
+    # round is exactly the records it had read (not new ones, not after claim_idle_seconds).
+    again = UsageWriter(client, db, consumer="usage-1", batch_size=10, block_ms=50,
+                        claim_idle_seconds=600)
+    assert await again.drain_once() == 19
+    assert db.count_usage() == 20 and again.written == 12  # the duplicates absorbed
+    for key in (f"{PREFIX}:{{e1}}:usage", f"{PREFIX}:{{e2}}:usage"):
+        # Every one acknowledged, the deleted one too; none of the new ones read yet.
+        assert (await client.xpending(key, "fmapi-usage-writer"))["pending"] == 0, key
+    assert await again.backlog() == 30
+    # Then the new records, once its own are done.
+    await _drain(again, lambda: db.count_usage() >= 50)
+    assert db.count_usage() == 50 and again.written == 42
+    assert await again.backlog() == 0
+
+
 async def test_payload_records_fill_the_endpoint_s_inference_table(env):
     client, db = env
     await client.hset("fmapi:registry:endpoints", "e1", json.dumps(

@@ -65,13 +65,52 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _check_registry(endpoints: dict[str, Endpoint], error=FailedPrecondition) -> None:
-    """References between endpoints hold (fallbacks, replacements); ``error`` otherwise."""
-    try:
-        Registry(endpoints=list(endpoints.values()))
-    except ValidationError as exc:
-        raise error(exc.errors()[0]["msg"].removeprefix("Value error, "),
-                    param="endpoints") from None
+def _broken_reference(endpoints: dict[str, Endpoint]) -> tuple[str, str, str] | None:
+    """The first reference between endpoints that does not hold, as ``(endpoint, field,
+    message)``: ``field`` is ``fallbacks[i]`` or ``replacement``. None when all hold (the
+    invariants :class:`Registry` checks of a whole file)."""
+    for e in endpoints.values():
+        for i, ref in enumerate(e.fallbacks):
+            if ref not in endpoints:
+                return e.name, f"fallbacks[{i}]", (
+                    f"endpoint '{e.name}' falls back to unknown endpoint '{ref}'")
+        if e.retired and not e.replacement:
+            return e.name, "replacement", f"retired endpoint '{e.name}' must name its replacement"
+        if e.replacement and e.replacement not in endpoints:
+            return e.name, "replacement", (
+                f"endpoint '{e.name}' names unknown endpoint '{e.replacement}' as its replacement")
+    return None
+
+
+# Where a broken reference of the endpoint being created or updated lies in the REST request
+# (``PUT .../ai-gateway``'s ``fallback_config.endpoints``, the retire call's ``replacement``).
+def _rest_field(field: str) -> str:
+    if field.startswith("fallbacks"):
+        return "ai_gateway.fallback_config.endpoints" + field.removeprefix("fallbacks")
+    return field
+
+
+def _fields_of(name: str) -> Callable[[str, str], str]:
+    """``param`` for a create or update of endpoint ``name``: its own fields as the REST request
+    spells them; a reference of another endpoint's that broke names the endpoint."""
+    return lambda endpoint, field: _rest_field(field) if endpoint == name else "name"
+
+
+def _check_registry(endpoints: dict[str, Endpoint], error=FailedPrecondition, *,
+                    param: Callable[[str, str], str] | None = None) -> None:
+    """References between endpoints hold (fallbacks, replacements); ``error`` otherwise, its
+    ``param`` the field at fault: ``param(endpoint, field)`` when given, else
+    ``<endpoint>.<field>`` of the endpoint at fault."""
+    broken = _broken_reference(endpoints)
+    if broken is None:
+        try:  # any other invariant of a whole registry
+            Registry(endpoints=list(endpoints.values()))
+        except ValidationError as exc:
+            raise error(exc.errors()[0]["msg"].removeprefix("Value error, "),
+                        param="endpoints") from None
+        return
+    name, field, message = broken
+    raise error(message, param=param(name, field) if param else f"{name}.{field}")
 
 
 class RegistryStore:
@@ -164,7 +203,7 @@ class ControlPlane:
             ep = ep.model_copy(update={"config_version": 1, "config_update": "NOT_UPDATING",
                                        "pending_served_entities": [], "create_time_ms": now,
                                        "update_time_ms": now})
-            _check_registry({**current, ep.name: ep})
+            _check_registry({**current, ep.name: ep}, param=_fields_of(ep.name))
             try:
                 return ep, await self.store.write([(ep.name, "", _dump(ep))])
             except Conflict:
@@ -184,7 +223,7 @@ class ControlPlane:
             if old is None:
                 raise NotFound(f"endpoint '{msg.name}' does not exist", param="name")
             ep = await self._updated(old, msg, paths, current)
-            _check_registry({**current, ep.name: ep})
+            _check_registry({**current, ep.name: ep}, param=_fields_of(ep.name))
             try:
                 return ep, await self.store.write([(ep.name, raw[ep.name], _dump(ep))])
             except Conflict:
@@ -252,7 +291,14 @@ class ControlPlane:
             if name not in current:
                 raise NotFound(f"endpoint '{name}' does not exist", param="name")
             rest = {n: e for n, e in current.items() if n != name}
-            _check_registry(rest)
+            users = [f"'{n}' " + ("falls back to it" if name in e.fallbacks
+                                  else "names it as its replacement")
+                     for n, e in sorted(rest.items()) if name in e.fallbacks or e.replacement == name]
+            if users:
+                raise FailedPrecondition(f"endpoint '{name}' cannot be deleted: endpoint "
+                                         f"{'; endpoint '.join(users)}; change that first",
+                                         param="name")
+            _check_registry(rest, param=lambda *_: "name")
             try:
                 return await self.store.write([(name, raw[name], "")])
             except Conflict:
@@ -269,6 +315,7 @@ class ControlPlane:
         names = [e.name for e in eps]
         if len(names) != len(set(names)):
             raise InvalidArgument("the list names an endpoint twice", param="endpoints")
+        index = {n: i for i, n in enumerate(names)}
         for _ in range(_MAX_ATTEMPTS):
             raw, current = await self._read()
             out = pb.ApplyEndpointsResponse()
@@ -292,7 +339,8 @@ class ControlPlane:
                     del result[name]
                     changes.append((name, raw[name], ""))
                     out.deleted.append(name)
-            _check_registry(result, InvalidArgument)
+            _check_registry(result, InvalidArgument, param=lambda n, f: (
+                f"endpoints[{index[n]}].{f}" if n in index else "endpoints"))
             if not changes:
                 out.version = (await self.store.snapshot())[0]
                 return out

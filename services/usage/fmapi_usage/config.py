@@ -21,6 +21,10 @@ class UsageConfig(ServiceConfig):
     key_prefix: str = "fmapi:quota"
     # Writers in this consumer group share the streams; each record goes to one of them.
     consumer_group: str = "fmapi-usage-writer"
+    # This writer's name in the group (FMAPI_USAGE_CONSUMER); default "<hostname>-<pid>". A name
+    # that stays the same across restarts (the replica's) lets a restarted writer finish the
+    # records it had read before it died at once, instead of after claim_idle_seconds.
+    consumer: str = Field(default="", max_length=200)
     # Records written per database transaction, and the longest wait for new ones.
     batch_size: int = Field(default=500, ge=1, le=10_000)
     block_ms: int = Field(default=500, ge=1, le=60_000)

@@ -4,8 +4,10 @@ Every writer reads the streams (``<prefix>:{<endpoint>}:usage``, one per endpoin
 ``<prefix>:endpoints``) through one consumer group, so writers running at once split the records
 between them. A batch is inserted in one transaction, idempotently (the request id is the
 primary key), and only then acknowledged and deleted from Redis: a writer that dies between the
-insert and the acknowledgement leaves the records pending, another writer (or itself, restarted)
-claims them after ``claim_idle_seconds``, inserts them again, and the primary key absorbs the
+insert and the acknowledgement leaves the records pending: restarted under the same consumer
+name (``FMAPI_USAGE_CONSUMER``, the replica's name under ``fmapi dev up``) it re-reads its own
+pending records first, before any new one; otherwise another writer claims them after
+``claim_idle_seconds``. Either way they are inserted again and the primary key absorbs the
 duplicates. While the database is unreachable the batch is retried with backoff and everything
 else waits in Redis; the writer reports NOT_SERVING and says how many records are waiting.
 
@@ -121,6 +123,9 @@ class UsageWriter:
         self._entities_interval = entities_interval
         self._on_health = on_health
         self._grouped: set[str] = set()
+        # Streams whose records this consumer had read and not acknowledged (before a restart)
+        # have been re-read and written.
+        self._recovered: set[str] = set()
         self._tables: dict[str, str] = {}  # endpoint -> its inference table
         self.healthy = True
         self._db_ok = True
@@ -148,6 +153,35 @@ class UsageWriter:
                         raise
                 self._grouped.add(key)
         return keys
+
+    async def _own_pending(self, keys: list[str]) -> list[tuple[str, str, dict]]:
+        """Records this consumer name read and never acknowledged (its writer died, and this is
+        the writer restarted), re-read with ``XREADGROUP ... 0``: first, once per stream until
+        it has none left, so a restarted writer finishes its own batch at once rather than after
+        ``claim_idle_seconds``. An entry deleted meanwhile (written and deleted, its
+        acknowledgement lost) is only acknowledged."""
+        todo = [k for k in keys if k not in self._recovered]
+        if not todo:
+            return []
+        resp = await self._r.xreadgroup(self._group, self.consumer, {k: "0" for k in todo},
+                                        count=self._batch)
+        got: dict[str, list] = {_decode(key): entries for key, entries in resp or []}
+        out, gone = [], []
+        for key in todo:
+            entries = got.get(key) or []
+            if not entries:
+                self._recovered.add(key)
+            for i, f in entries:
+                if f:
+                    out.append((key, _decode(i), {_decode(k): _decode(v) for k, v in f.items()}))
+                else:
+                    gone.append((key, _decode(i), {}))
+        if gone:
+            await self._ack(gone)
+        if out:
+            log.info("re-reading %d usage record(s) this writer (%s) read before and never "
+                     "acknowledged", len(out), self.consumer)
+        return out
 
     async def _claim(self, keys: list[str]) -> list[tuple[str, str, dict]]:
         """Records other writers read and never acknowledged (they died), idle long enough."""
@@ -270,11 +304,12 @@ class UsageWriter:
                   waiting if waiting >= 0 else "an unknown number of")
 
     async def drain_once(self) -> int:
-        """One round: claim abandoned records (now and then), read new ones, write, ack."""
+        """One round: this consumer's own unacknowledged records first (after a restart), then
+        abandoned ones of other writers (now and then), else new ones; write, ack."""
         keys = await self._streams()
         now = time.monotonic()
-        batch = []
-        if now - self._claimed_at >= self._claim_idle_ms / 2000:
+        batch = await self._own_pending(keys)
+        if not batch and now - self._claimed_at >= self._claim_idle_ms / 2000:
             self._claimed_at = now
             batch = await self._claim(keys)
         if not batch:
