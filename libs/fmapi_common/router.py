@@ -56,7 +56,16 @@ class Resolution:
 
 
 def endpoint_ready(ep: pb.Endpoint, live_models: set[str]) -> bool:
-    return not ep.retired and any(se.model in live_models for se in ep.served_entities)
+    """Whether the endpoint serves every request now (``state.ready``): not retired, and every
+    served entity that takes traffic has a live replica; with fallback between its entities
+    enabled, one live entity is enough."""
+    entities = list(ep.served_entities)
+    if ep.retired or not entities:
+        return False
+    if ep.ai_gateway.fallback_enabled:
+        return any(se.model in live_models for se in entities)
+    taking = entities if len(entities) == 1 else [se for se in entities if se.traffic_percentage > 0]
+    return bool(taking) and all(se.model in live_models for se in taking)
 
 
 class Router:
