@@ -184,6 +184,12 @@ class Meter:
             ttft=None if self._first_token is None else self._first_token - self._started,
             input_tokens=self._input_tokens if input_tokens is None else input_tokens,
             output_tokens=req.output_tokens)
+        self._quota.spawn(self._settle(req, response))
+
+    async def _settle(self, req: pb.SettleRequest, response) -> None:
+        """The settlement call, with the inference table's payloads when this request is
+        sampled: turned into JSON here, in the settlement's own task, after the caller has its
+        answer (never on the request path)."""
         if self.capture is not None:
             body, fraction = self.capture
             request_json, req_code = _payload_json(body, "REQUEST_PAYLOAD_TOO_LARGE")
@@ -193,7 +199,7 @@ class Meter:
                 request_json=request_json, response_json=response_json,
                 logging_error_codes=",".join(c for c in (req_code, resp_code) if c),
                 sampling_fraction=fraction))
-        self._quota.spawn(self._quota.settle(req))
+        await self._quota.settle(req)
 
 
 class Quota:
