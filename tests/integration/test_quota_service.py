@@ -28,6 +28,7 @@ from helpers import tls
 from helpers.redis_server import RedisServer, free_port, redis_server_binary
 
 LEASE_SECONDS = 4.0
+BACKLOG_MAX = 1000  # usage records an endpoint's stream may hold before admission refuses
 PREFIX = "fmapi:quota"
 ENDPOINT, PRINCIPAL = pb.LIMIT_KEY_ENDPOINT, pb.LIMIT_KEY_PRINCIPAL
 
@@ -44,6 +45,7 @@ def _start_replicas(sup: Supervisor, tmp, redis_url: str, n: int) -> list[str]:
             # 100 concurrent calls per replica on 2 busy cores may queue longer than the default
             # 0.5 s; these tests are about exactness (a dead Redis still fails at once).
             "FMAPI_QUOTA_REDIS_TIMEOUT_SECONDS": "3",
+            "FMAPI_QUOTA_USAGE_BACKLOG_MAX": str(BACKLOG_MAX),
             **tls.env("FMAPI_QUOTA_", "quota"),
         })
         addrs.append(child)
@@ -462,3 +464,28 @@ async def test_redis_killed_mid_load_fails_closed_and_loses_no_settled_record(du
     recorded = [r["request_id"] for r in _records(db, ep)]
     assert len(recorded) == len(set(recorded))
     assert set(settled) <= set(recorded)
+
+
+async def test_a_usage_backlog_refuses_new_requests_and_drops_no_record(stubs, db):
+    """The database is down (nothing drains the stream): past BACKLOG_MAX records, admission
+    refuses with 503 and records nothing, admitted requests still settle and record, and
+    admission resumes once the writer has caught up."""
+    ep = _endpoint()
+    stream = f"{PREFIX}:{{{ep}}}:usage"
+    admitted = _admit(ep, inp=5, out=0)
+    await stubs[0].Admit(admitted, timeout=5)
+    for i in range(BACKLOG_MAX - db.xlen(stream)):  # what the writer could not write
+        db.xadd(stream, {"request_id": f"old-{i}"})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs[1].Admit(_admit(ep, inp=5, out=0), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "cannot be written to the database" in err.value.details()
+    assert from_rpc_error(err.value).retry_after == 5.0
+    assert db.xlen(stream) == BACKLOG_MAX  # the refusal is not recorded
+    await stubs[1].Settle(pb.SettleRequest(request_id=admitted.request_id, endpoint=ep,
+                                           output_tokens=0, status_code=200), timeout=5)
+    assert db.xlen(stream) == BACKLOG_MAX + 1  # an admitted request's record is never dropped
+    # The writer catches up: admission resumes.
+    db.xtrim(stream, maxlen=0)
+    resp = await stubs[0].Admit(_admit(ep, inp=5, out=0), timeout=5)
+    assert resp.lease_expire_time_ms > 0

@@ -132,7 +132,7 @@ def test_config_requires_redis_url(monkeypatch):
         load_config(QuotaConfig, [], prog="fmapi-quota")
     assert "FMAPI_QUOTA_REDIS_URL" in str(exc.value) and "--redis-url" in str(exc.value)
     cfg = load_config(QuotaConfig, ["--redis-url", "redis://x", "--lease-seconds", "30"])
-    assert cfg.lease_seconds == 30 and cfg.usage_stream_maxlen == 0
+    assert cfg.lease_seconds == 30 and cfg.usage_backlog_max == 200_000
 
 
 def test_the_proto_request_becomes_an_admission():

@@ -29,9 +29,10 @@ class QuotaConfig(ServiceConfig):
     reap_batch: int = Field(default=100, ge=1, le=10000)
     # How long a settled request id is remembered (a late or repeated Settle/Admit is a no-op).
     settled_ttl_seconds: float = Field(default=3600.0, gt=0.0)
-    # Approximate cap on each endpoint's usage stream (XADD MAXLEN ~); 0 = never trim (the
-    # default: records must never be lost; the SQL writer trims what it has committed).
-    usage_stream_maxlen: int = Field(default=0, ge=0)
+    # Usage records one endpoint's stream may hold while the SQL writer cannot write them (the
+    # database is down): past this, new requests to it are refused (503, Retry-After) and not
+    # recorded, so Redis stays bounded and no record is ever dropped. 0 = no bound.
+    usage_backlog_max: int = Field(default=200_000, ge=0)
     # Provisioned throughput: seconds of capacity a burst may spend when the request says 0.
     default_burst_seconds: float = Field(default=10.0, gt=0.0)
     # Time constant of the demand / admitted-tokens moving averages (GetCapacity).

@@ -34,7 +34,7 @@ async def create(config: QuotaConfig) -> GrpcService:
         key_prefix=config.key_prefix,
         lease_seconds=config.lease_seconds,
         settled_ttl_seconds=config.settled_ttl_seconds,
-        usage_stream_maxlen=config.usage_stream_maxlen,
+        usage_backlog_max=config.usage_backlog_max,
         demand_window_seconds=config.demand_window_seconds,
         reap_batch=config.reap_batch,
     )

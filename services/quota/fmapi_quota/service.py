@@ -16,6 +16,7 @@ from fmapi_common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 
 from .domain import (
@@ -97,6 +98,14 @@ class QuotaService:
             )
         if status == "invalid":
             raise invalid or InvalidArgument("this request can never fit the endpoint's limits")
+        if status == "backlog":
+            REFUSALS.labels(a.endpoint, "usage_backlog").inc()
+            log.warning("endpoint %r: %s usage records wait for the SQL writer; refusing new "
+                        "requests until it catches up", a.endpoint, ans.get("n"))
+            raise Unavailable(
+                f"usage records of endpoint {a.endpoint!r} cannot be written to the database "
+                "right now; new requests are refused until they are (retry later)",
+                retry_after=5.0, reason="usage_backlog")
         raise FailedPrecondition(f"request {a.request_id!r} has already been settled",
                                  param="request_id")
 

@@ -10,7 +10,8 @@ one slot and the layout works on Redis Cluster unchanged (``P`` = ``<key_prefix>
                       tokens charged, the buckets charged, the admission's answer (for replays)
     P leases          sorted set of reserved request ids scored by lease expiry (ms)
     P done:<id>       the id is finished: settled (kept settled_ttl) or refused (until it fits)
-    P usage           the usage stream: one record per request (admitted or refused)
+    P usage           the usage stream: one record per request (admitted or refused), until
+                      the SQL writer has them; past usage_backlog_max, admission refuses
     P stats           demand and admitted token rates (moving averages), provisioned capacity
     <key_prefix>:endpoints   set of endpoint names seen (the reaper's list; the SQL writer's
                              list of streams to drain)
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 # Shared by every script. ARGV[1..5] and KEYS[1..3] are the same in all of them.
 _COMMON = r"""
-local P, LEASE, DONE_TTL, MAXLEN, TAU = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
+local P, LEASE, DONE_TTL, BACKLOG, TAU = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
   tonumber(ARGV[4]), tonumber(ARGV[5])
 local LEASES, STREAM, STATS = KEYS[1], KEYS[2], KEYS[3]
 
@@ -84,11 +85,7 @@ end
 -- Append one usage record: the fields known at admission (JSON list: field, value, ...), then
 -- the outcome's.
 local function record(rec_json, outcome)
-  local args = {STREAM}
-  if MAXLEN > 0 then
-    for _, v in ipairs({'MAXLEN', '~', MAXLEN}) do table.insert(args, v) end
-  end
-  table.insert(args, '*')
+  local args = {STREAM, '*'}
   for _, v in ipairs(cjson.decode(rec_json)) do table.insert(args, v) end
   for _, v in ipairs(outcome) do table.insert(args, v) end
   redis.call('XADD', unpack(args))
@@ -147,6 +144,14 @@ local prev = redis.call('GET', done)
 if prev then return {prev, num(now), 1, '0'} end
 prev = redis.call('HGET', res, 'answer')
 if prev then return {prev, num(now), 1, redis.call('ZSCORE', LEASES, id)} end
+
+-- Usage records waiting for the SQL writer (the database is down): past BACKLOG of them,
+-- new requests are refused and not recorded, so the stream stops growing and nothing in it is
+-- ever dropped; settlements of admitted requests are still recorded.
+if BACKLOG > 0 then
+  local waiting = redis.call('XLEN', STREAM)
+  if waiting >= BACKLOG then return {cjson.encode({s = 'backlog', n = waiting}), num(now), 0, '0'} end
+end
 
 rate_add('demand', inp + out, now)
 redis.call('HSET', STATS, 'pt', ARGV[11])
@@ -240,7 +245,8 @@ return {num(rate_at('demand', now)), num(rate_at('used', now)), redis.call('ZCAR
 
 @dataclass(frozen=True)
 class AdmitAnswer:
-    """The admission script's answer: ``answer['s']`` is admitted, refused, invalid or settled."""
+    """The admission script's answer: ``answer['s']`` is admitted, refused, invalid, backlog
+    (too many usage records wait for the SQL writer) or settled."""
 
     answer: dict
     now_ms: float
@@ -275,14 +281,14 @@ class QuotaStore:
         key_prefix: str = "fmapi:quota",
         lease_seconds: float = 600.0,
         settled_ttl_seconds: float = 3600.0,
-        usage_stream_maxlen: int = 0,
+        usage_backlog_max: int = 0,
         demand_window_seconds: float = 60.0,
         reap_batch: int = 100,
     ) -> None:
         self._r = client
         self._prefix = key_prefix
         self._settings = [int(lease_seconds * 1000), int(settled_ttl_seconds * 1000),
-                          usage_stream_maxlen, demand_window_seconds * 1000]
+                          usage_backlog_max, demand_window_seconds * 1000]
         self._reap_batch = reap_batch
         self._admit = client.register_script(_COMMON + _ADMIT)
         self._settle = client.register_script(_COMMON + _SETTLE)
