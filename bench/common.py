@@ -61,3 +61,72 @@ async def embeddings_rate(base_url: str, headers: dict, n: int, clients: int) ->
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         return n / (time.perf_counter() - t0)
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: how far repeated measurements of one thing disagree."""
+    if len(values) < 2:
+        return float("nan")
+    m = statistics.median(values)
+    return (max(values) - min(values)) / m if m else float("nan")
+
+
+def grid(title: str, header: list[str], rows: list[list[str]], notes: list[str] = ()) -> None:
+    """A table with aligned columns (first column left-aligned, the rest right-aligned)."""
+    print(f"\n== {title}")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(line(header))
+    for r in rows:
+        print(line(r))
+    for n in notes:
+        print(f"  {n}")
+
+
+# ---------------------------------------------------------------- CPU time of processes
+
+_CLK_TCK = None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one live process (all its threads, not its children), from
+    /proc/<pid>/stat; 0 if it is gone."""
+    global _CLK_TCK
+    if _CLK_TCK is None:
+        import os
+
+        _CLK_TCK = os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...), from /proc."""
+    import os
+
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
