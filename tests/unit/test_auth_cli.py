@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from fmapi_cli import tokens as cli
+from helpers.standin_http import send_json, serving
 
 SECRET = "fmapi_" + "A" * 49
 
@@ -18,12 +18,7 @@ class _Api(BaseHTTPRequestHandler):
     calls: list = []
 
     def _reply(self, status: int, body: dict) -> None:
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        send_json(self, status, body)
 
     def _handle(self):
         n = int(self.headers.get("content-length") or 0)
@@ -56,11 +51,9 @@ class _Api(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Api)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     _Api.calls = []
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with serving(_Api) as url:
+        yield url
 
 
 def run(argv, monkeypatch, tmp_path, env=None):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from fmapi_cli import tokens
 from fmapi_cli.main import main
+from helpers.standin_http import send_json, serving
 
 ADMIN = "admin-secret"
 GATEWAY = {
@@ -59,12 +59,7 @@ class _Api(BaseHTTPRequestHandler):
         status, reply = self.routes.get((self.command, self.path), (404, {"message": "no route"}))
         if callable(reply):
             reply = reply(body)
-        raw = json.dumps(reply).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        send_json(self, status, reply)
 
     do_GET = do_POST = do_PUT = do_DELETE = _handle
 
@@ -74,11 +69,8 @@ class _Api(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Api)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Api) as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,14 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from fmapi_cli import tokens
 from fmapi_cli.main import main
+from helpers.standin_http import send_json, serving
 
 ADMIN = "admin-secret"
 # What GET /api/2.0/usage answers (gateway/fmapi_gateway/usage_api.py), grouped two ways.
@@ -40,12 +40,7 @@ class _Api(BaseHTTPRequestHandler):
         self.calls.append((url.path, parse_qs(url.query, keep_blank_values=True),
                            self.headers.get("authorization")))
         status, body = self.reply
-        raw = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        send_json(self, status, body)
 
     def log_message(self, *a):
         pass
@@ -53,11 +48,8 @@ class _Api(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Api)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(_Api) as url:
+        yield url
 
 
 @pytest.fixture
