@@ -8,6 +8,7 @@ No gRPC calls, no Redis.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -170,6 +171,22 @@ def check_traffic(entities: list[ServedEntity], what: str) -> None:
         raise ValueError(f"{what}: traffic percentages must add up to 100")
 
 
+def broken_reference(endpoints: Mapping[str, Endpoint]) -> tuple[str, str, str] | None:
+    """The first reference between endpoints that does not hold, as ``(endpoint, field,
+    message)`` with ``field`` ``fallbacks[i]`` or ``replacement``; None when all hold."""
+    for e in endpoints.values():
+        for i, ref in enumerate(e.fallbacks):
+            if ref not in endpoints:
+                return e.name, f"fallbacks[{i}]", (
+                    f"endpoint '{e.name}' falls back to unknown endpoint '{ref}'")
+        if e.retired and not e.replacement:
+            return e.name, "replacement", f"retired endpoint '{e.name}' must name its replacement"
+        if e.replacement and e.replacement not in endpoints:
+            return e.name, "replacement", (
+                f"endpoint '{e.name}' names unknown endpoint '{e.replacement}' as its replacement")
+    return None
+
+
 class Registry(_Strict):
     endpoints: list[Endpoint] = []
     # model -> addresses of replicas that never register themselves (always considered live).
@@ -182,13 +199,9 @@ class Registry(_Strict):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"duplicate endpoint names: {sorted(dupes)}")
-        known = set(names)
-        for e in self.endpoints:
-            for ref in [*e.fallbacks, *([e.replacement] if e.replacement else [])]:
-                if ref not in known:
-                    raise ValueError(f"endpoint {e.name} refers to unknown endpoint {ref!r}")
-            if e.retired and not e.replacement:
-                raise ValueError(f"retired endpoint {e.name} must name its replacement")
+        broken = broken_reference({e.name: e for e in self.endpoints})
+        if broken is not None:
+            raise ValueError(broken[2])
         return self
 
     def get(self, name: str) -> Endpoint | None:

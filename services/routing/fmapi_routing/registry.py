@@ -25,8 +25,8 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError, ResponseError
 
 from fmapi.routing.v1 import routing_pb2 as pb
-from fmapi_common.endpoints import (REGISTRY_KEY, Endpoint, Registry, from_pb, invalid_argument,
-                                    to_pb)
+from fmapi_common.endpoints import (REGISTRY_KEY, Endpoint, Registry, broken_reference, from_pb,
+                                    invalid_argument, to_pb)
 from fmapi_common.errors import (
     AlreadyExists,
     Conflict,
@@ -65,23 +65,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _broken_reference(endpoints: dict[str, Endpoint]) -> tuple[str, str, str] | None:
-    """The first reference between endpoints that does not hold, as ``(endpoint, field,
-    message)``: ``field`` is ``fallbacks[i]`` or ``replacement``. None when all hold (the
-    invariants :class:`Registry` checks of a whole file)."""
-    for e in endpoints.values():
-        for i, ref in enumerate(e.fallbacks):
-            if ref not in endpoints:
-                return e.name, f"fallbacks[{i}]", (
-                    f"endpoint '{e.name}' falls back to unknown endpoint '{ref}'")
-        if e.retired and not e.replacement:
-            return e.name, "replacement", f"retired endpoint '{e.name}' must name its replacement"
-        if e.replacement and e.replacement not in endpoints:
-            return e.name, "replacement", (
-                f"endpoint '{e.name}' names unknown endpoint '{e.replacement}' as its replacement")
-    return None
-
-
 # Where a broken reference of the endpoint being created or updated lies in the REST request
 # (``PUT .../ai-gateway``'s ``fallback_config.endpoints``, the retire call's ``replacement``).
 def _rest_field(field: str) -> str:
@@ -101,7 +84,7 @@ def _check_registry(endpoints: dict[str, Endpoint], error=FailedPrecondition, *,
     """References between endpoints hold (fallbacks, replacements); ``error`` otherwise, its
     ``param`` the field at fault: ``param(endpoint, field)`` when given, else
     ``<endpoint>.<field>`` of the endpoint at fault."""
-    broken = _broken_reference(endpoints)
+    broken = broken_reference(endpoints)
     if broken is None:
         try:  # any other invariant of a whole registry
             Registry(endpoints=list(endpoints.values()))
