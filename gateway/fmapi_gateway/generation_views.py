@@ -58,23 +58,26 @@ async def stream(run: Run) -> AsyncIterator[bytes]:
         async for ev in run.events():
             d = ev.delta
             finish = FINISH.get(d.finish_reason)
+            # A token whose text is still empty (part of a character) gets its event when the
+            # caller asked for logprobs: its entry would be lost otherwise.
+            logprobs = run.call.logprobs and bool(d.logprobs)
             if chat:
                 delta: dict = {}
-                if d.text:
+                if d.text or logprobs:
                     delta["content"] = d.text
                 calls = tool_calls(d, streaming=True)
                 if calls:
                     delta["tool_calls"] = calls
                 choice = {"index": ev.index, "delta": delta,
-                          "logprobs": chat_logprobs(d.logprobs) if run.call.logprobs and d.logprobs else None,
+                          "logprobs": chat_logprobs(d.logprobs) if logprobs else None,
                           "finish_reason": finish}
             else:
                 choice = {"index": ev.index, "text": d.text,
                           "logprobs": completion_logprobs(d.logprobs, offsets[ev.index])
-                          if run.call.logprobs and d.logprobs else None,
+                          if logprobs else None,
                           "finish_reason": finish}
                 offsets[ev.index] += len(d.text)
-            if d.text or finish or choice.get("delta"):
+            if d.text or finish or logprobs or choice.get("delta"):
                 yield chunk([choice])
         if with_usage:
             yield _sse({**base, "choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens)})

@@ -49,6 +49,19 @@ def test_streaming_chat_matches_non_streaming(client):
     assert last.usage.completion_tokens > 0
 
 
+def test_streamed_logprobs_cover_every_generated_token(client):
+    """With logprobs, every token gets its entry in the stream, also one whose text is empty
+    (part of a character still being decoded): the tiny model makes such tokens often."""
+    chunks = list(greedy(client, max_tokens=200, stream=True, logprobs=True,
+                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    entries = [lp for c in chunks if c.choices and c.choices[0].logprobs
+               for lp in c.choices[0].logprobs.content]
+    assert chunks[-1].usage.completion_tokens == 200
+    assert len(entries) == 200
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == greedy(client, max_tokens=200, extra_body={"ignore_eos": True}).choices[0].message.content
+
+
 def test_n_2_gives_two_choices(client):
     out = client.chat.completions.create(model=CHAT, messages=HELLO, n=2, max_tokens=6, seed=3)
     assert sorted(c.index for c in out.choices) == [0, 1]
