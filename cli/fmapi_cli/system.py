@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import string
+import subprocess
 import sys
 import time
 import urllib.error
@@ -385,7 +386,11 @@ class System:
         self._wait_envoy_hosts()
         child = self.child(name)
         child.proc.terminate()
-        child.proc.wait(timeout)
+        try:
+            child.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # past its grace period: what is left is cut off
+            child.proc.kill()
+            child.proc.wait(10)
         self.sup.children.remove(child)
 
     def scale(self, service: str, count: int) -> list[str]:
