@@ -11,12 +11,9 @@ import pytest
 
 from fmapi_common.identity import Binding, Identity, sign_identity
 from fmapi_gateway.backends import Backends
-from fmapi_gateway.config import GatewayConfig
 from fmapi_gateway.http_common import MAX_JSON_DEPTH
-from fmapi_gateway.rest import build_app
-from fmapi_gateway.tokens_api import TokensApi
+from helpers.gateway_app import KEY, app_client, unreachable_config
 
-KEY = "cd" * 32
 ADMIN = Identity("admin", "default", "t1", ("*",), admin=True)
 
 
@@ -35,16 +32,8 @@ class Broken(Backends):
 
 @pytest.fixture
 async def client():
-    config = GatewayConfig(routing_addr="127.0.0.1:1", auth_addr="127.0.0.1:1", quota_addr="127.0.0.1:1",
-                           identity_key=KEY,
-                           insecure=True)
-    backends = Broken(config.routing_addr, config.backend_timeout_s, None)
-    tokens = TokensApi(config.auth_addr, None)
-    app = build_app(config, backends, tokens)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+    async with app_client(unreachable_config(), Broken) as c:
         yield c
-    await backends.close()
-    await tokens.close()
 
 
 async def call(client, method: str, path: str, body: dict | bytes | None = None) -> httpx.Response:

@@ -4,18 +4,13 @@ auth rule that lets a browser load the page without a token."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from fmapi.routing.v1 import routing_pb2 as pb
 from fmapi_auth.extauthz import Access, Rule, classify
 from fmapi_gateway import console, serving_endpoints
-from fmapi_gateway.backends import Backends
-from fmapi_gateway.config import GatewayConfig
-from fmapi_gateway.rest import build_app
-from fmapi_gateway.tokens_api import TokensApi
+from helpers.gateway_app import app_client, unreachable_config
 
-KEY = "cd" * 32
 
 
 @pytest.fixture
@@ -27,16 +22,8 @@ async def client(tmp_path):
     (site / ".secret.js").write_text("HIDDEN-CONTENT")
     (site / "notes.md").write_text("not a served type")
     (tmp_path / "outside.js").write_text("OUTSIDE-CONTENT")
-    config = GatewayConfig(routing_addr="127.0.0.1:1", auth_addr="127.0.0.1:1",
-                           quota_addr="127.0.0.1:1", identity_key=KEY, insecure=True,
-                           console_dir=str(site))
-    backends = Backends(config.routing_addr, config.backend_timeout_s, None)
-    tokens = TokensApi(config.auth_addr, None)
-    app = build_app(config, backends, tokens)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+    async with app_client(unreachable_config(console_dir=str(site))) as c:
         yield c
-    await backends.close()
-    await tokens.close()
 
 
 async def test_the_page_and_its_modules_need_no_identity_and_carry_the_csp(client):
