@@ -9,10 +9,15 @@ if TYPE_CHECKING:
 
 
 def make_redis(url: str, *, name: str, timeout: float, max_connections: int,
-               subscriber: bool = False, decode_responses: bool = True) -> aioredis.Redis:
+               subscriber: bool = False, decode_responses: bool = True,
+               pool_wait: float | None = None) -> aioredis.Redis:
     """A client that fails fast: one retry (a stale pooled connection; every call it is used for
     is safe to repeat), short timeouts, and a bounded pool that a burst of concurrent calls waits
     for (redis-py's default pool refuses past 100 connections, which turned bursts into 503s).
+
+    ``pool_wait``: how long a call waits for a free connection when all are busy (default
+    ``timeout``): a busy pool is load, not Redis failing, so a service facing bursts waits longer
+    for a connection than it waits for Redis' answer.
 
     ``subscriber``: for a pub/sub connection, which blocks on reads (no read timeout, no retry:
     a dropped connection still ends its read at once)."""
@@ -23,7 +28,7 @@ def make_redis(url: str, *, name: str, timeout: float, max_connections: int,
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=timeout,
+        timeout=timeout if pool_wait is None else pool_wait,
         decode_responses=decode_responses,
         socket_connect_timeout=timeout,
         socket_timeout=None if subscriber else timeout,

@@ -24,6 +24,7 @@ POLICY = {f"/{SERVICE_NAME}/": [GATEWAY]}
 
 def make_redis(config: QuotaConfig) -> aioredis.Redis:
     return make_client(config.redis_url, name="quota", timeout=config.redis_timeout_seconds,
+                       pool_wait=config.redis_pool_wait_seconds,
                        max_connections=config.redis_max_connections)
 
 
