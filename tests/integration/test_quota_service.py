@@ -232,6 +232,44 @@ async def test_settlement_is_idempotent_one_record_one_refund(stubs, db):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_settle_many_settles_each_on_its_own_once(stubs, db):
+    """What a gateway sends when settlements queued up: each is answered as Settle would, and
+    one unknown or malformed settlement holds back none of the others."""
+    ep, other = _endpoint(), _endpoint()
+    rules = [_rule(PRINCIPAL, otpm=1000)]
+    reqs = [_admit(ep, rules, out=100), _admit(ep, rules, out=100), _admit(other, rules, out=50)]
+    for r in reqs:
+        await stubs[0].Admit(r)
+    t0 = time.monotonic()
+
+    def settle(r, out):
+        return pb.SettleRequest(request_id=r.request_id, endpoint=r.endpoint, output_tokens=out,
+                                status_code=200, finish_reason="stop")
+
+    batch = [settle(reqs[0], 10), pb.SettleRequest(request_id="never-admitted", endpoint=ep),
+             settle(reqs[1], 20), pb.SettleRequest(request_id="bad", endpoint=ep, status_code=5000),
+             settle(reqs[0], 99), settle(reqs[2], 30)]
+    got = await stubs[1].SettleMany(pb.SettleManyRequest(settlements=batch))
+    R = pb.SettleOutcome
+    assert [o.result for o in got.outcomes] == [
+        R.RESULT_SETTLED, R.RESULT_NOT_FOUND, R.RESULT_SETTLED, R.RESULT_INVALID,
+        R.RESULT_ALREADY_SETTLED, R.RESULT_SETTLED]
+    assert "never-admitted" in got.outcomes[1].message
+    assert "status_code" in got.outcomes[3].message
+    assert sorted(int(r["output_tokens"]) for r in _records(db, ep)) == [10, 20]
+    assert [int(r["output_tokens"]) for r in _records(db, other)] == [30]
+    again = await stubs[0].SettleMany(pb.SettleManyRequest(settlements=[settle(reqs[1], 1)]))
+    assert [o.result for o in again.outcomes] == [R.RESULT_ALREADY_SETTLED]
+    probe = await stubs[0].Admit(_admit(ep, rules, out=0))
+    # 1000 - 10 - 20: each reservation refunded to what it generated, once.
+    assert 970 <= probe.tokens.remaining <= 970 + _refill(1000, time.monotonic() - t0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs[0].SettleMany(pb.SettleManyRequest(
+            settlements=[pb.SettleRequest(request_id=f"r{i}", endpoint=ep) for i in range(1001)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1000" in err.value.details()
+
+
 async def test_a_corrected_input_count_is_charged_at_settlement(stubs, db):
     ep, rid = _endpoint(), uuid.uuid4().hex
     rules = [_rule(PRINCIPAL, itpm=1000)]

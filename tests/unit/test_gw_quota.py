@@ -52,6 +52,9 @@ class FakeStub:
     def __init__(self) -> None:
         self.renewed: list[str] = []
         self.settled: list[pb.SettleRequest] = []
+        self.calls: list[int] = []  # settlements per SettleMany call
+        self.gate = asyncio.Event()  # SettleMany answers once set
+        self.gate.set()
 
     async def Admit(self, req, timeout):  # noqa: N802 - gRPC method name
         return pb.AdmitResponse(lease_remaining_ms=1500,
@@ -60,8 +63,12 @@ class FakeStub:
     async def RenewLease(self, req, timeout):  # noqa: N802
         self.renewed.append(req.request_id)
 
-    async def Settle(self, req, timeout):  # noqa: N802
-        self.settled.append(req)
+    async def SettleMany(self, req, timeout):  # noqa: N802
+        self.calls.append(len(req.settlements))
+        await self.gate.wait()
+        self.settled.extend(req.settlements)
+        return pb.SettleManyResponse(outcomes=[
+            pb.SettleOutcome(result=pb.SettleOutcome.RESULT_SETTLED)] * len(req.settlements))
 
 
 async def test_a_long_request_renews_its_lease_until_settled_once():
@@ -83,6 +90,54 @@ async def test_a_long_request_renews_its_lease_until_settled_once():
     assert len(stub.renewed) == renewed  # no renewal after settlement
     assert [(s.output_tokens, s.status_code) for s in stub.settled] == [(5, 200)]
     await q.close()
+
+
+async def test_settlements_that_queue_behind_a_call_in_flight_go_in_one_call():
+    q = Quota("127.0.0.1:1", None)
+    stub = q._stub = FakeStub()
+    stub.gate.clear()  # the first call hangs until released
+    first = asyncio.create_task(q.settle(pb.SettleRequest(request_id="r0", endpoint="ep")))
+    await asyncio.sleep(0.05)
+    assert stub.calls == [1]  # nothing waits when nothing is in flight
+    rest = [asyncio.create_task(q.settle(pb.SettleRequest(request_id=f"r{i}", endpoint="ep")))
+            for i in range(1, 301)]
+    await asyncio.sleep(0.05)
+    assert stub.calls == [1] and not first.done()  # one call in flight at a time
+    stub.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *rest), 5)
+    assert stub.calls == [1, 256, 44]  # at most 256 per call
+    assert [s.request_id for s in stub.settled] == [f"r{i}" for i in range(301)]
+    await q.close()
+
+
+async def test_a_failed_settlement_call_answers_every_caller_and_the_next_one_goes_out():
+    q = Quota("127.0.0.1:1", None)
+    stub = q._stub = FakeStub()
+    good = stub.SettleMany
+
+    async def down_once(req, timeout):
+        stub.SettleMany = good
+        raise Down()
+
+    stub.SettleMany = down_once
+    # The callers of a failed call return (their leases settle them): nobody hangs.
+    await asyncio.wait_for(asyncio.gather(*(q.settle(pb.SettleRequest(
+        request_id=f"lost{i}", endpoint="ep")) for i in range(3))), 5)
+    await asyncio.wait_for(q.settle(pb.SettleRequest(request_id="next", endpoint="ep")), 5)
+    assert [s.request_id for s in stub.settled] == ["next"]
+    await q.close()
+
+
+def test_a_settlement_too_big_to_share_a_call_goes_alone():
+    q = Quota("127.0.0.1:1", None)
+    big = pb.SettleRequest(request_id="big", endpoint="ep", payload=pb.Payload(
+        request_json="x" * (3 * 2**20)))
+    small = pb.SettleRequest(request_id="small", endpoint="ep")
+    q._settlements._queue = [(small, None), (big, None), (small, None), (small, None)]
+    sizes = []
+    while q._settlements._queue:
+        sizes.append([r.request_id for r, _ in q._settlements._next_batch()])
+    assert sizes == [["small"], ["big"], ["small", "small"]]
 
 
 class Down(grpc.aio.AioRpcError):

@@ -59,6 +59,18 @@ class Admitted:
     lease_remaining_ms: int = 0
 
 
+# Settlements in one SettleMany call, at most.
+MAX_SETTLEMENTS = 1000
+
+
+def _settled(s: Settlement, out: str) -> bool:
+    """The store's answer for one settlement: True when it had been settled before."""
+    if out == "unknown":
+        raise NotFound(f"no reservation for request {s.request_id!r} on endpoint "
+                       f"{s.endpoint!r}", param="request_id")
+    return out == "already"
+
+
 class QuotaService:
     def __init__(self, store: QuotaStore, *, default_burst_seconds: float = 10.0) -> None:
         self._store = store
@@ -112,15 +124,35 @@ class QuotaService:
     async def settle(self, s: Settlement) -> bool:
         """Refund and record; returns True when the request had been settled before."""
         validate_settlement(s)
-        out = await self._store.settle(
-            s.endpoint, s.request_id, output_tokens=s.output_tokens, input_tokens=s.input_tokens,
-            status_code=s.status_code, ttft_ms=s.time_to_first_token_ms,
-            duration_ms=s.duration_ms, finish_reason=s.finish_reason, extra=s.extra_fields(),
-        )
-        if out == "unknown":
-            raise NotFound(f"no reservation for request {s.request_id!r} on endpoint "
-                           f"{s.endpoint!r}", param="request_id")
-        return out == "already"
+        return _settled(s, await self._store.settle(s))
+
+    async def settle_many(self, settlements: list[Settlement]) -> list[bool | FmapiError]:
+        """:meth:`settle` for each, in one round trip to Redis: for each, True / False as
+        :meth:`settle` returns, or the error it would raise (a bad or unknown settlement fails
+        alone). Redis unreachable raises Unavailable for all."""
+        if len(settlements) > MAX_SETTLEMENTS:
+            raise InvalidArgument(f"at most {MAX_SETTLEMENTS} settlements per call",
+                                  param="settlements")
+        checked: list[FmapiError | None] = []
+        for s in settlements:
+            try:
+                validate_settlement(s)
+                checked.append(None)
+            except InvalidArgument as exc:
+                checked.append(exc)
+        valid = [s for s, err in zip(settlements, checked) if err is None]
+        stored = iter(zip(valid, await self._store.settle_many(valid)))
+        out: list[bool | FmapiError] = []
+        for err in checked:
+            if err is None:
+                s, answer = next(stored)
+                try:
+                    out.append(_settled(s, answer))
+                except NotFound as exc:
+                    out.append(exc)
+            else:
+                out.append(err)
+        return out
 
     async def renew(self, endpoint: str, request_id: str) -> int:
         check_request(request_id, endpoint)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
-from fmapi_common.errors import InvalidArgument
+from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
 
 from .domain import Admission, Caller, RateLimit, Rule, Settlement
 from .service import QuotaService
@@ -44,6 +44,34 @@ def admission_from_pb(req: pb.AdmitRequest) -> Admission:
     )
 
 
+def settlement_from_pb(request: pb.SettleRequest) -> Settlement:
+    return Settlement(
+        request_id=request.request_id,
+        endpoint=request.endpoint,
+        output_tokens=request.output_tokens,
+        input_tokens=request.input_tokens if request.HasField("input_tokens") else None,
+        status_code=request.status_code,
+        time_to_first_token_ms=request.time_to_first_token_ms,
+        duration_ms=request.duration_ms,
+        finish_reason=request.finish_reason,
+        output_characters=request.output_characters,
+        payload=(request.payload.request_json, request.payload.response_json,
+                 request.payload.logging_error_codes, request.payload.sampling_fraction)
+        if request.HasField("payload") else None,
+    )
+
+
+def _outcome(o: bool | FmapiError) -> pb.SettleOutcome:
+    """One settlement's answer in SettleMany: Settle's, as a result rather than a status."""
+    if o is True:
+        return pb.SettleOutcome(result=pb.SettleOutcome.RESULT_ALREADY_SETTLED)
+    if o is False:
+        return pb.SettleOutcome(result=pb.SettleOutcome.RESULT_SETTLED)
+    result = (pb.SettleOutcome.RESULT_NOT_FOUND if isinstance(o, NotFound)
+              else pb.SettleOutcome.RESULT_INVALID)
+    return pb.SettleOutcome(result=result, message=o.message)
+
+
 def _rate_limit(rl: RateLimit | None) -> pb.RateLimit | None:
     return None if rl is None else pb.RateLimit(limit=rl.limit, remaining=rl.remaining,
                                                 reset_ms=rl.reset_ms)
@@ -62,21 +90,13 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         )
 
     async def Settle(self, request, context):
-        already = await self._service.settle(Settlement(
-            request_id=request.request_id,
-            endpoint=request.endpoint,
-            output_tokens=request.output_tokens,
-            input_tokens=request.input_tokens if request.HasField("input_tokens") else None,
-            status_code=request.status_code,
-            time_to_first_token_ms=request.time_to_first_token_ms,
-            duration_ms=request.duration_ms,
-            finish_reason=request.finish_reason,
-            output_characters=request.output_characters,
-            payload=(request.payload.request_json, request.payload.response_json,
-                     request.payload.logging_error_codes, request.payload.sampling_fraction)
-            if request.HasField("payload") else None,
-        ))
-        return pb.SettleResponse(already_settled=already)
+        return pb.SettleResponse(already_settled=await self._service.settle(
+            settlement_from_pb(request)))
+
+    async def SettleMany(self, request, context):
+        got = await self._service.settle_many(
+            [settlement_from_pb(r) for r in request.settlements])
+        return pb.SettleManyResponse(outcomes=[_outcome(o) for o in got])
 
     async def RenewLease(self, request, context):
         expiry = await self._service.renew(request.endpoint, request.request_id)

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from fmapi_common.errors import Unavailable
 
-from .domain import Admission, Bucket
+from .domain import Admission, Bucket, Settlement
 
 log = logging.getLogger(__name__)
 
@@ -334,15 +334,30 @@ class QuotaStore:
             answer, now, replayed, lease = await self._admit(keys=keys, args=args)
         return AdmitAnswer(json.loads(answer), float(now), replayed == 1, float(lease or 0))
 
-    async def settle(self, endpoint: str, request_id: str, *, output_tokens: int,
-                     input_tokens: int | None, status_code: int, ttft_ms: int,
-                     duration_ms: int, finish_reason: str, extra: list[str] = ()) -> str:
+    def _settle_call(self, s: Settlement) -> tuple[list[str], list]:
+        keys, args = self._call(s.endpoint)
+        return keys, [*args, s.request_id, s.output_tokens,
+                      -1 if s.input_tokens is None else s.input_tokens, s.status_code,
+                      s.time_to_first_token_ms, s.duration_ms, s.finish_reason,
+                      json.dumps(s.extra_fields())]
+
+    async def settle(self, s: Settlement) -> str:
         """'settled', 'already' (settled before, or refused at admission) or 'unknown'."""
-        keys, args = self._call(endpoint)
-        args += [request_id, output_tokens, -1 if input_tokens is None else input_tokens,
-                 status_code, ttft_ms, duration_ms, finish_reason, json.dumps(list(extra))]
+        keys, args = self._settle_call(s)
         with _fail_closed():
             return await self._settle(keys=keys, args=args)
+
+    async def settle_many(self, settlements: list[Settlement]) -> list[str]:
+        """:meth:`settle` for each, in one round trip (a pipeline, not a transaction: each
+        settlement is its own atomic script, as it would be alone)."""
+        if not settlements:
+            return []
+        with _fail_closed():
+            async with self._r.pipeline(transaction=False) as pipe:
+                for s in settlements:
+                    keys, args = self._settle_call(s)
+                    await self._settle(keys=keys, args=args, client=pipe)
+                return list(await pipe.execute())
 
     async def renew(self, endpoint: str, request_id: str) -> float | None:
         """The new lease expiry (ms), or None when the request is not reserved."""
