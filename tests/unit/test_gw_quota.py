@@ -4,7 +4,6 @@ lease renewal while a request runs."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
