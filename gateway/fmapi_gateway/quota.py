@@ -358,6 +358,11 @@ class _Settlements:
             resp = await self._quota._stub.SettleMany(pb.SettleManyRequest(settlements=reqs),
                                                       timeout=self._quota._timeout)
         except (grpc.RpcError, grpc.aio.UsageError) as exc:  # UsageError: closed (shutdown)
+            if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # A quota service older than SettleMany (a rolling upgrade): one call each.
+                for req in reqs:
+                    await self._settle_one(req)
+                return
             what = exc.code().name if isinstance(exc, grpc.RpcError) else str(exc)
             # The reservations' leases settle them at their reserved size; say so, loudly.
             log.error("settlement of %d request(s) failed (%s): their leases will settle them: "
@@ -369,6 +374,19 @@ class _Settlements:
             elif out.result == pb.SettleOutcome.RESULT_INVALID:
                 log.error("settlement of request %s was refused (%s): its lease will settle it",
                           req.request_id, out.message)
+
+    async def _settle_one(self, req: pb.SettleRequest) -> None:
+        try:
+            await self._quota._stub.Settle(req, timeout=self._quota._timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # never admitted (a lost admission)
+                log.debug("nothing to settle for request %s", req.request_id)
+                return
+            log.error("settlement of request %s failed (%s): its lease will settle it",
+                      req.request_id, exc.code().name)
+        except grpc.aio.UsageError as exc:  # the channel closed under it (shutdown)
+            log.error("settlement of request %s failed (%s): its lease will settle it",
+                      req.request_id, exc)
 
 
 def _sampled(endpoint: routing_pb2.Endpoint, tags: UsageTags) -> tuple[Mapping, float] | None:

@@ -127,6 +127,31 @@ async def test_a_failed_settlement_call_answers_every_caller_and_the_next_one_go
     await q.close()
 
 
+class Unimplemented(grpc.aio.AioRpcError):
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                         details="Method not found!")
+
+
+async def test_a_quota_service_without_settle_many_gets_one_settle_each():
+    """A rolling upgrade: the new gateway meets a quota service older than SettleMany."""
+    q = Quota("127.0.0.1:1", None)
+    stub = q._stub = FakeStub()
+    one_by_one = []
+
+    async def settle_many(req, timeout):
+        raise Unimplemented()
+
+    async def settle(req, timeout):
+        one_by_one.append(req.request_id)
+
+    stub.SettleMany, stub.Settle = settle_many, settle
+    await asyncio.wait_for(asyncio.gather(*(q.settle(pb.SettleRequest(
+        request_id=f"r{i}", endpoint="ep")) for i in range(3))), 5)
+    assert sorted(one_by_one) == ["r0", "r1", "r2"]
+    await q.close()
+
+
 def test_a_settlement_too_big_to_share_a_call_goes_alone():
     q = Quota("127.0.0.1:1", None)
     big = pb.SettleRequest(request_id="big", endpoint="ep", payload=pb.Payload(
