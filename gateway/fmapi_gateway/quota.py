@@ -22,18 +22,28 @@ import grpc
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from google.rpc import status_pb2
 from opentelemetry import trace
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
 from fmapi.routing.v1 import routing_pb2
 from fmapi_common.channels import make_channel
-from fmapi_common.errors import FmapiError, InvalidArgument, Unavailable, from_rpc_error, to_http
+from fmapi_common.errors import (
+    FmapiError,
+    InvalidArgument,
+    Unavailable,
+    from_rpc_error,
+    from_status,
+    rpc_error_status,
+    to_http,
+)
 from fmapi_common.identity import Identity
 from fmapi_common.ratelimit import ratelimit_headers
 from fmapi_common.tls import QUOTA, TlsFiles
 
 from . import metrics
+from .coalesce import Coalescer
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +221,16 @@ class Quota:
         # Admitted requests not settled yet; one loop renews the leases of the long ones.
         self.running: dict[str, Meter] = {}
         self._renewer: asyncio.Task | None = None
-        self._settlements = _Settlements(self)
+        # Admissions and settlements travel in AdmitMany / SettleMany calls: those that queue
+        # up while a call of their kind is in flight go together in the next one (at most
+        # 256, or 2 MiB: a settlement with large inference-table payloads goes alone, under
+        # the quota service's 4 MiB message limit). An admission whose caller went away
+        # before it was sent is never sent; a settlement always is.
+        self._admissions: Coalescer[pb.AdmitRequest, pb.AdmitOutcome] = Coalescer(
+            self._admit_many, max_count=256, max_bytes=2 * 2**20, size=_byte_size,
+            withdraw=True)
+        self._settlements: Coalescer[pb.SettleRequest, None] = Coalescer(
+            self._settle_many, max_count=256, max_bytes=2 * 2**20, size=_byte_size)
 
     async def close(self) -> None:
         if self._renewer is not None:
@@ -275,7 +294,7 @@ class Quota:
             # Admitted against the capacity the endpoint is provisioned up to.
             req.provisioned_throughput.tokens_per_second = endpoint.provisioned_throughput.max_tokens_per_second
         try:
-            resp = await self._stub.Admit(req, timeout=self._timeout)
+            out = await self._admissions.submit(req)
         except (grpc.RpcError, asyncio.CancelledError) as exc:
             # The admission may have happened with its answer lost: close it at once (a
             # settlement of an unknown request does nothing) rather than at its lease's end.
@@ -286,7 +305,11 @@ class Quota:
                                                     finish_reason="not_run", input_tokens=0)))
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise _admission_error(exc, input_param) from None
+            raise _admission_error(from_rpc_error(exc), input_param) from None
+        if out.WhichOneof("outcome") != "admitted":  # refused: nothing was charged
+            raise _admission_error(from_status(status_pb2.Status.FromString(out.refused)),
+                                   input_param)
+        resp = out.admitted
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
         return Meter(self, tags.request_id, endpoint.name, resp, started, _sampled(endpoint, tags),
@@ -301,83 +324,52 @@ class Quota:
 
     async def settle(self, req: pb.SettleRequest) -> None:
         """Settle ``req``: it goes in the next SettleMany call (returns once that answered)."""
-        await self._settlements.send(req)
+        await self._settlements.submit(req)
 
-
-class _Settlements:
-    """Settlements go to the quota service in SettleMany calls, one call in flight at a time:
-    what queues up while a call is in flight goes in the next one. At low load every call
-    carries one settlement and nothing waits; at high load one call carries many, which saves
-    a call (and a Redis round trip) per request on both sides. A call failing loses nothing:
-    each reservation's lease settles it at its reserved size, as when Settle fails."""
-
-    MAX_COUNT = 256
-    # Below the quota service's 4 MiB message limit; a settlement bigger than this (two large
-    # inference-table payloads) goes in a call of its own.
-    MAX_BYTES = 2 * 2**20
-
-    def __init__(self, quota: Quota) -> None:
-        self._quota = quota
-        self._queue: list[tuple[pb.SettleRequest, asyncio.Future]] = []
-        self._sender: asyncio.Task | None = None
-
-    async def send(self, req: pb.SettleRequest) -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._queue.append((req, done))
-        if self._sender is None or self._sender.done():
-            self._sender = loop.create_task(self._send_all())
-        await asyncio.shield(done)
-
-    def _next_batch(self) -> list[tuple[pb.SettleRequest, asyncio.Future]]:
-        size = n = 0
-        for n, (req, _) in enumerate(self._queue[: self.MAX_COUNT]):
-            size += req.ByteSize()
-            if n and size > self.MAX_BYTES:
-                break
-        else:
-            n = min(len(self._queue), self.MAX_COUNT)
-        batch, self._queue = self._queue[:n], self._queue[n:]
-        return batch
-
-    async def _send_all(self) -> None:
-        while self._queue:
-            batch = self._next_batch()
-            try:
-                await self._call([req for req, _ in batch])
-            except Exception:  # noqa: BLE001 - the sender must go on with the queue
-                log.exception("settlement of %d request(s) failed: their leases will settle "
-                              "them", len(batch))
-            finally:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
-
-    async def _call(self, reqs: list[pb.SettleRequest]) -> None:
+    async def _admit_many(self, reqs: list[pb.AdmitRequest]) -> list[pb.AdmitOutcome]:
         try:
-            resp = await self._quota._stub.SettleMany(pb.SettleManyRequest(settlements=reqs),
-                                                      timeout=self._quota._timeout)
+            resp = await self._stub.AdmitMany(pb.AdmitManyRequest(admissions=reqs),
+                                              timeout=self._timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # A quota service older than AdmitMany (a rolling upgrade): one call each.
+            return list(await asyncio.gather(*(self._admit_one(r) for r in reqs)))
+        return list(resp.outcomes)
+
+    async def _admit_one(self, req: pb.AdmitRequest) -> pb.AdmitOutcome:
+        try:
+            return pb.AdmitOutcome(admitted=await self._stub.Admit(req, timeout=self._timeout))
+        except grpc.RpcError as exc:
+            return pb.AdmitOutcome(refused=rpc_error_status(exc).SerializeToString())
+
+    async def _settle_many(self, reqs: list[pb.SettleRequest]) -> list[None]:
+        """Never raises: a settlement that fails is logged, and its lease settles it at its
+        reserved size (as when Settle fails)."""
+        try:
+            resp = await self._stub.SettleMany(pb.SettleManyRequest(settlements=reqs),
+                                               timeout=self._timeout)
         except (grpc.RpcError, grpc.aio.UsageError) as exc:  # UsageError: closed (shutdown)
             if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # A quota service older than SettleMany (a rolling upgrade): one call each.
                 for req in reqs:
                     await self._settle_one(req)
-                return
+                return [None] * len(reqs)
             what = exc.code().name if isinstance(exc, grpc.RpcError) else str(exc)
-            # The reservations' leases settle them at their reserved size; say so, loudly.
             log.error("settlement of %d request(s) failed (%s): their leases will settle them: "
                       "%s", len(reqs), what, ", ".join(r.request_id for r in reqs[:20]))
-            return
+            return [None] * len(reqs)
         for req, out in zip(reqs, resp.outcomes):
             if out.result == pb.SettleOutcome.RESULT_NOT_FOUND:  # never admitted (lost admission)
                 log.debug("nothing to settle for request %s", req.request_id)
             elif out.result == pb.SettleOutcome.RESULT_INVALID:
                 log.error("settlement of request %s was refused (%s): its lease will settle it",
                           req.request_id, out.message)
+        return [None] * len(reqs)
 
     async def _settle_one(self, req: pb.SettleRequest) -> None:
         try:
-            await self._quota._stub.Settle(req, timeout=self._quota._timeout)
+            await self._stub.Settle(req, timeout=self._timeout)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:  # never admitted (a lost admission)
                 log.debug("nothing to settle for request %s", req.request_id)
@@ -387,6 +379,10 @@ class _Settlements:
         except grpc.aio.UsageError as exc:  # the channel closed under it (shutdown)
             log.error("settlement of request %s failed (%s): its lease will settle it",
                       req.request_id, exc)
+
+
+def _byte_size(msg: Message) -> int:
+    return msg.ByteSize()
 
 
 def _sampled(endpoint: routing_pb2.Endpoint, tags: UsageTags) -> tuple[Mapping, float] | None:
@@ -408,8 +404,7 @@ def _client_request_id(value) -> str:
     return value
 
 
-def _admission_error(exc: grpc.RpcError, input_param: str) -> FmapiError:
-    err = from_rpc_error(exc)
+def _admission_error(err: FmapiError, input_param: str) -> FmapiError:
     if isinstance(err, Unavailable) and err.retry_after is None:  # the service itself is down
         return Unavailable("metering is unavailable (the quota service cannot be reached), so "
                            "the request was not run; retry shortly", retry_after=1.0)

@@ -186,18 +186,48 @@ def to_rpc_status(err: FmapiError) -> grpc.Status:
 # ---------------------------------------------------------------- gRPC -> domain
 
 
+_STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
 def from_rpc_error(exc: grpc.RpcError) -> FmapiError:
     """Rebuild the domain error carried by a failed call (details included)."""
     from grpc_status import rpc_status
 
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     message = (exc.details() if hasattr(exc, "details") else None) or str(code)
-    param = reason = None
-    retry_after = None
     try:
         status = rpc_status.from_call(exc)
     except Exception:  # malformed trailers: keep code and message
         status = None
+    return _rebuild(code, message, status)
+
+
+def from_status(status: status_pb2.Status) -> FmapiError:
+    """Rebuild the domain error of a ``google.rpc.Status`` carried in a message (one item's
+    refusal in a call that answers many), as :func:`from_rpc_error` does for a failed call."""
+    code = _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    return _rebuild(code, status.message or str(code), status)
+
+
+def rpc_error_status(exc: grpc.RpcError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` of a failed call: its rich status, or its bare code and
+    message when it carries none (a transport failure)."""
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(exc)
+    except Exception:  # malformed trailers: keep code and message
+        status = None
+    if status is not None:
+        return status
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    return status_pb2.Status(code=code.value[0], message=(
+        exc.details() if hasattr(exc, "details") else None) or str(code))
+
+
+def _rebuild(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> FmapiError:
+    param = reason = None
+    retry_after = None
     if status is not None:
         for any_ in status.details:
             if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):

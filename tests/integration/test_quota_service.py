@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 import redis
+from google.rpc import status_pb2
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
 from fmapi_cli.supervisor import Supervisor
-from fmapi_common.errors import from_rpc_error
+from fmapi_common.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    from_rpc_error,
+    from_status,
+)
 from helpers import tls
 from helpers.redis_server import RedisServer, free_port, redis_server_binary
 
@@ -230,6 +236,37 @@ async def test_settlement_is_idempotent_one_record_one_refund(stubs, db):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stubs[0].Settle(pb.SettleRequest(request_id="nope", endpoint=ep))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_admit_many_admits_each_in_order_and_refuses_each_on_its_own(stubs, db):
+    """What a gateway sends when admissions queued up: each is admitted or refused exactly as
+    Admit would (the same limits, in order, with the same refusal details)."""
+    ep = _endpoint()
+    rules = [_rule(PRINCIPAL, rpm=2, otpm=100)]
+    first = _admit(ep, rules, out=10)
+    unreadable = _admit(ep, rules)
+    unreadable.caller.principal_kind = pb.PRINCIPAL_KIND_UNSPECIFIED
+    batch = [first,
+             _admit(ep, rules, out=500),  # never fits the 100 output tokens a minute: 400
+             _admit(ep, rules, out=10),
+             _admit(ep, rules, out=10),  # the third request of a 2-a-minute limit: 429
+             first,  # a replay of the first: admitted again, charged nothing
+             unreadable]  # refused alone: 400
+    got = await stubs[0].AdmitMany(pb.AdmitManyRequest(admissions=batch))
+    kinds = [o.WhichOneof("outcome") for o in got.outcomes]
+    assert kinds == ["admitted", "refused", "admitted", "refused", "admitted", "refused"]
+    assert got.outcomes[4].admitted.replayed and not got.outcomes[0].admitted.replayed
+    assert got.outcomes[2].admitted.requests.remaining == 0
+    errs = [from_status(status_pb2.Status.FromString(got.outcomes[i].refused)) for i in (1, 3, 5)]
+    assert isinstance(errs[0], InvalidArgument) and errs[0].param == "max_tokens"
+    assert isinstance(errs[1], ResourceExhausted) and 0 < errs[1].retry_after <= 60
+    assert isinstance(errs[2], InvalidArgument) and errs[2].param == "caller.principal_kind"
+    # The two refused by a limit are recorded as refusals (the unreadable one is not).
+    assert sorted(r["status_code"] for r in _records(db, ep)) == ["400", "429"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stubs[1].AdmitMany(pb.AdmitManyRequest(admissions=[_admit(ep)] * 1001))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1000" in err.value.details()
 
 
 async def test_settle_many_settles_each_on_its_own_once(stubs, db):

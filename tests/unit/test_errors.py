@@ -36,8 +36,16 @@ class FakeCall(grpc.RpcError):
         (e.FailedPrecondition("retired; use y", param="model"), 400, "invalid_request_error", "INVALID_STATE"),
     ],
 )
-def test_round_trip_keeps_message_param_and_retry(err, http_status, etype, db_code):
-    back = e.from_rpc_error(FakeCall(e.to_rpc_status(err)))
+@pytest.mark.parametrize("carrier", ["call", "status", "call's status"])
+def test_round_trip_keeps_message_param_and_retry(err, http_status, etype, db_code, carrier):
+    """Through a failed call's trailers, or as a ``google.rpc.Status`` in a message (one item
+    of a call that answers many), the same error comes back."""
+    if carrier == "call":
+        back = e.from_rpc_error(FakeCall(e.to_rpc_status(err)))
+    elif carrier == "status":
+        back = e.from_status(e.rich_status(err))
+    else:
+        back = e.from_status(e.rpc_error_status(FakeCall(e.to_rpc_status(err))))
     assert type(back) is type(err)
     assert back.message == err.message
     assert back.param == err.param
@@ -65,6 +73,12 @@ def test_plain_unavailable_from_a_dead_backend_is_503_with_retry_after():
     assert "unavailable" in err.message
     http = e.to_http(err)
     assert http.status == 503 and http.headers["retry-after"] == "1"
+
+
+def test_a_bare_failed_call_keeps_its_code_and_message_as_a_status():
+    back = e.from_status(e.rpc_error_status(_plain(grpc.StatusCode.UNAVAILABLE, "refused")))
+    assert isinstance(back, e.Unavailable) and back.reason == e.UNREACHABLE
+    assert "refused" in back.message
 
 
 def test_unknown_codes_become_internal():

@@ -10,7 +10,13 @@ import pytest
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import InvalidArgument, Unavailable
+from fmapi_common.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    rich_status,
+    to_rpc_status,
+)
 from fmapi_common.identity import Identity
 from fmapi_gateway.quota import Quota, UsageTags, rules
 
@@ -54,10 +60,25 @@ class FakeStub:
         self.calls: list[int] = []  # settlements per SettleMany call
         self.gate = asyncio.Event()  # SettleMany answers once set
         self.gate.set()
+        self.admit_calls: list[int] = []  # admissions per AdmitMany call
+        self.admit_gate = asyncio.Event()
+        self.admit_gate.set()
 
     async def Admit(self, req, timeout):  # noqa: N802 - gRPC method name
         return pb.AdmitResponse(lease_remaining_ms=1500,
                                 requests=pb.RateLimit(limit=10, remaining=9, reset_ms=6000))
+
+    async def AdmitMany(self, req, timeout):  # noqa: N802
+        self.admit_calls.append(len(req.admissions))
+        await self.admit_gate.wait()
+        out = []
+        for r in req.admissions:
+            if r.request_id.startswith("refuse"):
+                err = ResourceExhausted("rate limit exceeded on endpoint 'ep'", retry_after=2.5)
+                out.append(pb.AdmitOutcome(refused=rich_status(err).SerializeToString()))
+            else:
+                out.append(pb.AdmitOutcome(admitted=await self.Admit(r, timeout)))
+        return pb.AdmitManyResponse(outcomes=out)
 
     async def RenewLease(self, req, timeout):  # noqa: N802
         self.renewed.append(req.request_id)
@@ -123,8 +144,69 @@ async def test_a_failed_settlement_call_answers_every_caller_and_the_next_one_go
     await asyncio.wait_for(asyncio.gather(*(q.settle(pb.SettleRequest(
         request_id=f"lost{i}", endpoint="ep")) for i in range(3))), 5)
     await asyncio.wait_for(q.settle(pb.SettleRequest(request_id="next", endpoint="ep")), 5)
-    assert [s.request_id for s in stub.settled] == ["next"]
+    # lost0 went alone (nothing was in flight) and its call failed; the others went next.
+    assert [s.request_id for s in stub.settled] == ["lost1", "lost2", "next"]
     await q.close()
+
+
+def _admit(q: Quota, rid: str):
+    return q.admit(tags=UsageTags(rid), endpoint=routing_pb2.Endpoint(name="ep"), model="m",
+                   caller=Identity(principal="alice", workspace="w", token_id="t"),
+                   input_tokens=3, output_tokens=0, streaming=False, input_param="input")
+
+
+async def test_admissions_that_queue_behind_a_call_go_in_one_and_are_answered_each():
+    q = Quota("127.0.0.1:1", None)
+    stub = q._stub = FakeStub()
+    stub.admit_gate.clear()
+    first = asyncio.create_task(_admit(q, "a0"))
+    await asyncio.sleep(0.05)
+    assert stub.admit_calls == [1]  # nothing waits when nothing is in flight
+    queued = [asyncio.create_task(_admit(q, rid)) for rid in ("a1", "refuse-2", "a3")]
+    gone = asyncio.create_task(_admit(q, "a4"))
+    await asyncio.sleep(0.05)
+    gone.cancel()  # its caller went away before it was sent: never sent
+    await asyncio.sleep(0)
+    stub.admit_gate.set()
+    got = await asyncio.wait_for(asyncio.gather(first, *queued, return_exceptions=True), 5)
+    assert stub.admit_calls == [1, 3]
+    assert [m.headers["x-ratelimit-remaining-requests"] for m in (got[0], got[1], got[3])] == \
+        ["9"] * 3
+    refused = got[2]
+    assert isinstance(refused, ResourceExhausted) and refused.retry_after == 2.5
+    assert "rate limit exceeded" in refused.message
+    await q.close()
+    # Only the cancelled one is closed at once (a refusal charged nothing and needs no closing).
+    assert [(s.request_id, s.status_code) for s in stub.settled] == [("a4", 499)]
+
+
+async def test_a_quota_service_without_admit_many_gets_one_admit_each():
+    q = Quota("127.0.0.1:1", None)
+    stub = q._stub = FakeStub()
+
+    async def admit_many(req, timeout):
+        raise Unimplemented()
+
+    async def admit(req, timeout):
+        if req.request_id == "refuse":
+            raise FakeRefusal(ResourceExhausted("slow down", retry_after=1.5))
+        return pb.AdmitResponse(lease_remaining_ms=1500)
+
+    stub.AdmitMany, stub.Admit = admit_many, admit
+    ok, refused = await asyncio.gather(_admit(q, "fine"), _admit(q, "refuse"),
+                                       return_exceptions=True)
+    assert ok.request_id == "fine"
+    assert isinstance(refused, ResourceExhausted) and refused.retry_after == 1.5
+    await q.close()
+
+
+class FakeRefusal(grpc.aio.AioRpcError):
+    """A failed Admit as the quota service sends it (its rich status in the trailers)."""
+
+    def __init__(self, err) -> None:
+        status = to_rpc_status(err)
+        super().__init__(status.code, grpc.aio.Metadata(),
+                         grpc.aio.Metadata(*status.trailing_metadata), details=status.details)
 
 
 class Unimplemented(grpc.aio.AioRpcError):
@@ -157,7 +239,7 @@ def test_a_settlement_too_big_to_share_a_call_goes_alone():
     big = pb.SettleRequest(request_id="big", endpoint="ep", payload=pb.Payload(
         request_json="x" * (3 * 2**20)))
     small = pb.SettleRequest(request_id="small", endpoint="ep")
-    q._settlements._queue = [(small, None), (big, None), (small, None), (small, None)]
+    q._settlements._queue = [(small, None), (big, None), (small, None), (small, None)]  # type: ignore[list-item]
     sizes = []
     while q._settlements._queue:
         sizes.append([r.request_id for r, _ in q._settlements._next_batch()])
@@ -177,7 +259,7 @@ async def test_an_unreachable_quota_service_refuses_and_closes_the_admission():
     async def admit(req, timeout):
         raise Down()
 
-    stub.Admit = admit
+    stub.AdmitMany = admit
     endpoint = routing_pb2.Endpoint(name="ep")
     caller = Identity(principal="alice", workspace="w", token_id="t")
     with pytest.raises(Unavailable) as err:

@@ -59,8 +59,8 @@ class Admitted:
     lease_remaining_ms: int = 0
 
 
-# Settlements in one SettleMany call, at most.
-MAX_SETTLEMENTS = 1000
+# Admissions in one AdmitMany call, settlements in one SettleMany call, at most.
+MAX_BATCH = 1000
 
 
 def _settled(s: Settlement, out: str) -> bool:
@@ -79,10 +79,46 @@ class QuotaService:
     async def admit(self, a: Admission) -> Admitted:
         """Charge the request on every applicable bucket, or raise: ResourceExhausted (429,
         with when it would fit), InvalidArgument (400, it never could), Unavailable (Redis)."""
+        bs, invalid = self._prepare(a)
+        got = await self._store.admit(a, bs, refuse=400 if invalid else 0)
+        return self._answer(a, bs, invalid, got)
+
+    async def admit_many(self, admissions: list[Admission | FmapiError]) -> list[Admitted | FmapiError]:
+        """:meth:`admit` for each, in order, in one round trip to Redis: for each, what
+        :meth:`admit` returns or the error it would raise (an item already an error, e.g. one
+        that could not be read, stays that error). Redis unreachable raises Unavailable."""
+        if len(admissions) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} admissions per call", param="admissions")
+        prepared: list[tuple[Admission, list, InvalidArgument | None] | FmapiError] = []
+        for a in admissions:
+            try:
+                if isinstance(a, FmapiError):
+                    raise a
+                prepared.append((a, *self._prepare(a)))
+            except FmapiError as exc:
+                prepared.append(exc)
+        ok = [p for p in prepared if not isinstance(p, FmapiError)]
+        answers = iter(await self._store.admit_many(
+            [(a, bs, 400 if invalid else 0) for a, bs, invalid in ok]))
+        out: list[Admitted | FmapiError] = []
+        for p in prepared:
+            if isinstance(p, FmapiError):
+                out.append(p)
+                continue
+            try:
+                out.append(self._answer(*p, next(answers)))
+            except FmapiError as exc:
+                out.append(exc)
+        return out
+
+    def _prepare(self, a: Admission):
+        """The buckets ``a`` charges, and why it could never fit (None when it could)."""
         validate(a)
         bs = buckets(a, self._burst)
-        invalid = never_fits(a, bs)
-        got = await self._store.admit(a, bs, refuse=400 if invalid else 0)
+        return bs, never_fits(a, bs)
+
+    def _answer(self, a: Admission, bs, invalid: InvalidArgument | None, got) -> Admitted:
+        """The admission script's answer for ``a``, or the refusal it means."""
         ans, now = got.answer, got.now_ms
         status = ans["s"]
         if status == "admitted":
@@ -130,8 +166,8 @@ class QuotaService:
         """:meth:`settle` for each, in one round trip to Redis: for each, True / False as
         :meth:`settle` returns, or the error it would raise (a bad or unknown settlement fails
         alone). Redis unreachable raises Unavailable for all."""
-        if len(settlements) > MAX_SETTLEMENTS:
-            raise InvalidArgument(f"at most {MAX_SETTLEMENTS} settlements per call",
+        if len(settlements) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} settlements per call",
                                   param="settlements")
         checked: list[FmapiError | None] = []
         for s in settlements:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
-from fmapi_common.errors import FmapiError, InvalidArgument, NotFound
+from fmapi_common.errors import FmapiError, InvalidArgument, NotFound, rich_status
 
 from .domain import Admission, Caller, RateLimit, Rule, Settlement
-from .service import QuotaService
+from .service import Admitted, QuotaService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
 
@@ -72,6 +72,22 @@ def _outcome(o: bool | FmapiError) -> pb.SettleOutcome:
     return pb.SettleOutcome(result=result, message=o.message)
 
 
+def _read(req: pb.AdmitRequest) -> Admission | FmapiError:
+    """One admission of an AdmitMany, or why it cannot be read (that one is refused alone)."""
+    try:
+        return admission_from_pb(req)
+    except FmapiError as exc:
+        return exc
+
+
+def _admitted(got: Admitted) -> pb.AdmitResponse:
+    return pb.AdmitResponse(
+        requests=_rate_limit(got.requests), tokens=_rate_limit(got.tokens),
+        lease_expire_time_ms=got.lease_expire_time_ms, replayed=got.replayed,
+        lease_remaining_ms=got.lease_remaining_ms,
+    )
+
+
 def _rate_limit(rl: RateLimit | None) -> pb.RateLimit | None:
     return None if rl is None else pb.RateLimit(limit=rl.limit, remaining=rl.remaining,
                                                 reset_ms=rl.reset_ms)
@@ -82,12 +98,14 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self._service = service
 
     async def Admit(self, request, context):
-        got = await self._service.admit(admission_from_pb(request))
-        return pb.AdmitResponse(
-            requests=_rate_limit(got.requests), tokens=_rate_limit(got.tokens),
-            lease_expire_time_ms=got.lease_expire_time_ms, replayed=got.replayed,
-            lease_remaining_ms=got.lease_remaining_ms,
-        )
+        return _admitted(await self._service.admit(admission_from_pb(request)))
+
+    async def AdmitMany(self, request, context):
+        got = await self._service.admit_many([_read(r) for r in request.admissions])
+        return pb.AdmitManyResponse(outcomes=[
+            pb.AdmitOutcome(refused=rich_status(o).SerializeToString())
+            if isinstance(o, FmapiError) else pb.AdmitOutcome(admitted=_admitted(o))
+            for o in got])
 
     async def Settle(self, request, context):
         return pb.SettleResponse(already_settled=await self._service.settle(

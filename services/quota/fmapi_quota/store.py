@@ -262,6 +262,11 @@ class Capacity:
     provisioned_tokens_per_second: int
 
 
+def _admit_answer(raw) -> AdmitAnswer:
+    answer, now, replayed, lease = raw
+    return AdmitAnswer(json.loads(answer), float(now), replayed == 1, float(lease or 0))
+
+
 @contextlib.contextmanager
 def _fail_closed():
     """Redis unreachable (or refusing writes): UNAVAILABLE, so nothing runs unmetered."""
@@ -319,7 +324,7 @@ class QuotaStore:
 
     # ------------------------------------------------------------------ scripts
 
-    async def admit(self, a: Admission, bs: list[Bucket], refuse: int = 0) -> AdmitAnswer:
+    def _admit_call(self, a: Admission, bs: list[Bucket], refuse: int) -> tuple[list[str], list]:
         keys, args = self._call(a.endpoint)
         rec = json.dumps([v for pair in a.record_fields() for v in pair])
         args += [a.request_id, rec, a.input_tokens, a.reserved_output_tokens, refuse,
@@ -327,12 +332,34 @@ class QuotaStore:
         for b in bs:
             keys.append(self.bucket_key(a.endpoint, b))
             args += [b.dim, repr(b.capacity), repr(b.per_ms), b.amount]
+        return keys, args
+
+    async def _note_endpoints(self, endpoints: set[str]) -> None:
+        """Endpoints new to this replica go in the reaper's list before their first
+        reservation."""
+        new = endpoints - self._known
+        if new:
+            await self._r.sadd(self.endpoints_key, *new)
+            self._known |= new
+
+    async def admit(self, a: Admission, bs: list[Bucket], refuse: int = 0) -> AdmitAnswer:
+        keys, args = self._admit_call(a, bs, refuse)
         with _fail_closed():
-            if a.endpoint not in self._known:  # before its first reservation: the reaper's list
-                await self._r.sadd(self.endpoints_key, a.endpoint)
-                self._known.add(a.endpoint)
-            answer, now, replayed, lease = await self._admit(keys=keys, args=args)
-        return AdmitAnswer(json.loads(answer), float(now), replayed == 1, float(lease or 0))
+            await self._note_endpoints({a.endpoint})
+            return _admit_answer(await self._admit(keys=keys, args=args))
+
+    async def admit_many(self, items: list[tuple[Admission, list[Bucket], int]]) -> list[AdmitAnswer]:
+        """:meth:`admit` for each (admission, buckets, refuse), in one round trip (a pipeline,
+        not a transaction: each admission is its own atomic script, as it would be alone)."""
+        if not items:
+            return []
+        with _fail_closed():
+            await self._note_endpoints({a.endpoint for a, _, _ in items})
+            async with self._r.pipeline(transaction=False) as pipe:
+                for a, bs, refuse in items:
+                    keys, args = self._admit_call(a, bs, refuse)
+                    await self._admit(keys=keys, args=args, client=pipe)
+                return [_admit_answer(raw) for raw in await pipe.execute()]
 
     def _settle_call(self, s: Settlement) -> tuple[list[str], list]:
         keys, args = self._call(s.endpoint)

@@ -1,0 +1,88 @@
+"""Calls that carry many items: what queues up while a call is in flight goes in the next one.
+
+The gateway admits and settles every request with the quota service. One call per request
+costs a gRPC call on both sides (and a Redis round trip) each time; a :class:`Coalescer` lets
+items wait only while an earlier call of the same kind is in flight, and then sends them
+together. At low load every call carries one item and nothing waits; at high load one call
+carries many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Coalescer(Generic[T, R]):
+    """``call(items)`` answers each item, in order. One call runs at a time; it carries at most ``max_count`` items and ``max_bytes`` (by ``size``), except that an item
+    bigger than that goes alone.
+
+    A caller that is cancelled while its item still waits takes the item back (it is never
+    sent) when ``withdraw`` is set; otherwise the item is sent anyway. A call that raises
+    raises in each of its callers."""
+
+    def __init__(self, call: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_count: int,
+                 max_bytes: int, size: Callable[[T], int], withdraw: bool = False) -> None:
+        if max_count < 1 or max_bytes < 1:
+            raise ValueError("a coalescer's bounds must be positive")
+        self._call = call
+        self._max_count = max_count
+        self._max_bytes = max_bytes
+        self._size = size
+        self._withdraw = withdraw
+        self._queue: list[tuple[T, asyncio.Future]] = []
+        self._running = False
+        self._calls: set[asyncio.Task] = set()
+
+    async def submit(self, item: T) -> R:
+        entry = (item, asyncio.get_running_loop().create_future())
+        self._queue.append(entry)
+        self._start_calls()
+        try:
+            return await asyncio.shield(entry[1])
+        except asyncio.CancelledError:
+            if self._withdraw and entry in self._queue:
+                self._queue.remove(entry)
+            raise
+
+    def _start_calls(self) -> None:
+        if self._queue and not self._running:
+            batch = self._next_batch()
+            self._running = True
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    def _next_batch(self) -> list[tuple[T, asyncio.Future]]:
+        size = 0
+        n = min(len(self._queue), self._max_count)
+        for i, (item, _) in enumerate(self._queue[:n]):
+            size += self._size(item)
+            if i and size > self._max_bytes:
+                n = i
+                break
+        batch, self._queue = self._queue[:n], self._queue[n:]
+        return batch
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        try:
+            results = await self._call([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a call answered {len(results)} of {len(batch)} items")
+            for (_, done), result in zip(batch, results):
+                if not done.done():
+                    done.set_result(result)
+        except Exception as exc:  # noqa: BLE001 - each caller gets it
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+        finally:
+            for _, done in batch:  # cancelled mid-call: its callers must not wait forever
+                if not done.done():
+                    done.cancel()
+            self._running = False
+            self._start_calls()
