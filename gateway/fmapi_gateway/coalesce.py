@@ -4,12 +4,13 @@ The gateway admits and settles every request with the quota service. One call pe
 costs a gRPC call on both sides (and a Redis round trip) each time; a :class:`Coalescer` lets
 items wait only while an earlier call of the same kind is in flight, and then sends them
 together. At low load every call carries one item and nothing waits; at high load one call
-carries many.
+carries many. A call's client span is in the trace of the first request it carries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -34,12 +35,14 @@ class Coalescer(Generic[T, R]):
         self._max_bytes = max_bytes
         self._size = size
         self._withdraw = withdraw
-        self._queue: list[tuple[T, asyncio.Future]] = []
+        # (item, its answer, its caller's context: a call runs in its first item's, so that
+        # its client span belongs to that request's trace)
+        self._queue: list[tuple[T, asyncio.Future, contextvars.Context]] = []
         self._running = False
         self._calls: set[asyncio.Task] = set()
 
     async def submit(self, item: T) -> R:
-        entry = (item, asyncio.get_running_loop().create_future())
+        entry = (item, asyncio.get_running_loop().create_future(), contextvars.copy_context())
         self._queue.append(entry)
         self._start_calls()
         try:
@@ -53,14 +56,14 @@ class Coalescer(Generic[T, R]):
         if self._queue and not self._running:
             batch = self._next_batch()
             self._running = True
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            task = asyncio.get_running_loop().create_task(self._run(batch), context=batch[0][2])
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
-    def _next_batch(self) -> list[tuple[T, asyncio.Future]]:
+    def _next_batch(self) -> list[tuple[T, asyncio.Future, contextvars.Context]]:
         size = 0
         n = min(len(self._queue), self._max_count)
-        for i, (item, _) in enumerate(self._queue[:n]):
+        for i, (item, _, _) in enumerate(self._queue[:n]):
             size += self._size(item)
             if i and size > self._max_bytes:
                 n = i
@@ -68,20 +71,20 @@ class Coalescer(Generic[T, R]):
         batch, self._queue = self._queue[:n], self._queue[n:]
         return batch
 
-    async def _run(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+    async def _run(self, batch: list[tuple[T, asyncio.Future, contextvars.Context]]) -> None:
         try:
-            results = await self._call([item for item, _ in batch])
+            results = await self._call([item for item, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a call answered {len(results)} of {len(batch)} items")
-            for (_, done), result in zip(batch, results):
+            for (_, done, _), result in zip(batch, results):
                 if not done.done():
                     done.set_result(result)
         except Exception as exc:  # noqa: BLE001 - each caller gets it
-            for _, done in batch:
+            for _, done, _ in batch:
                 if not done.done():
                     done.set_exception(exc)
         finally:
-            for _, done in batch:  # cancelled mid-call: its callers must not wait forever
+            for _, done, _ in batch:  # cancelled mid-call: its callers must not wait forever
                 if not done.done():
                     done.cancel()
             self._running = False

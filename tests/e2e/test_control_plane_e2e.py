@@ -183,7 +183,8 @@ def test_databricks_sdk_manages_an_endpoint_at_run_time(cp, w, http):
     # A rate limit set through put_ai_gateway binds within a second on both gateway replicas
     # and both quota replicas: a burst that starts one second after the write began gets
     # exactly `calls` requests through, and each gateway refuses some of it (its own counter).
-    # (Admit and SettleMany alternate on a gateway's round-robin channel: count every quota call.)
+    # (AdmitMany and SettleMany alternate on a gateway's round-robin channel: count every
+    # quota call.)
     quota_calls = {"grpc_service": "fmapi.quota.v1.QuotaService"}
     before_q = {q: cp.metric(q, "fmapi_grpc_server_started_total", **quota_calls) for q in QUOTAS}
     t0 = time.monotonic()

@@ -46,11 +46,12 @@ def _split(responses):
 
 def _both_quota_replicas_admitted(system, before: dict[str, float]) -> None:
     for q in ("quota", "quota-2"):
-        assert system.metric(q, "fmapi_grpc_server_started_total", grpc_method="Admit") > before[q], q
+        admitted = system.metric(q, "fmapi_grpc_server_started_total", grpc_method="AdmitMany")
+        assert admitted > before[q], q
 
 
 def _admits(system) -> dict[str, float]:
-    return {q: system.metric(q, "fmapi_grpc_server_started_total", grpc_method="Admit")
+    return {q: system.metric(q, "fmapi_grpc_server_started_total", grpc_method="AdmitMany")
             for q in ("quota", "quota-2")}
 
 

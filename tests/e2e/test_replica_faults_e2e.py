@@ -37,7 +37,7 @@ endpoints:
 TRAFFIC = {
     "gateway": ("fmapi_requests_total", {}),
     "auth": ("fmapi_authz_decisions_total", {}),
-    # Admit and SettleMany alternate on a gateway's round-robin channel: count both.
+    # AdmitMany and SettleMany alternate on a gateway's round-robin channel: count both.
     "quota": ("fmapi_grpc_server_started_total", {"grpc_service": "fmapi.quota.v1.QuotaService"}),
     "routing": ("fmapi_grpc_server_started_total", {"grpc_method": "Heartbeat"}),
     "embedding": ("fmapi_grpc_server_started_total",

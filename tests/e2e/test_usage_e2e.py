@@ -99,8 +99,12 @@ def test_a_writer_killed_mid_drain_loses_and_duplicates_nothing(system, db):
     try:
         loads.append(load(60))
         loads[-1].join(120)
+        # The backlog, waiting (each record lands with its settlement, just after its response).
+        backlog_by = time.monotonic() + 10
+        while r.xlen(stream) < 60:
+            assert time.monotonic() < backlog_by, r.xlen(stream)
+            time.sleep(0.05)
         acked_at_start, _ = state()
-        assert r.xlen(stream) >= 60  # the backlog, waiting
         # The writer runs in slices of a few milliseconds, more load arriving meanwhile, and is
         # looked at only while stopped (a sample no acknowledgement can race), until it holds
         # unacknowledged records after having acknowledged some of the backlog.

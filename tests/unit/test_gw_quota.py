@@ -234,16 +234,25 @@ async def test_a_quota_service_without_settle_many_gets_one_settle_each():
     await q.close()
 
 
-def test_a_settlement_too_big_to_share_a_call_goes_alone():
+async def test_a_settlement_too_big_to_share_a_call_goes_alone():
     q = Quota("127.0.0.1:1", None)
+    stub = q._stub = FakeStub()
+    stub.gate.clear()
     big = pb.SettleRequest(request_id="big", endpoint="ep", payload=pb.Payload(
         request_json="x" * (3 * 2**20)))
-    small = pb.SettleRequest(request_id="small", endpoint="ep")
-    q._settlements._queue = [(small, None), (big, None), (small, None), (small, None)]  # type: ignore[list-item]
-    sizes = []
-    while q._settlements._queue:
-        sizes.append([r.request_id for r, _ in q._settlements._next_batch()])
-    assert sizes == [["small"], ["big"], ["small", "small"]]
+
+    def small(i):
+        return pb.SettleRequest(request_id=f"small{i}", endpoint="ep")
+
+    first = asyncio.create_task(q.settle(small(0)))
+    await asyncio.sleep(0.05)  # in flight; the rest queue up behind it
+    rest = [asyncio.create_task(q.settle(r)) for r in (big, small(1), small(2))]
+    await asyncio.sleep(0.05)
+    stub.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *rest), 5)
+    assert stub.calls == [1, 1, 2]  # over 2 MiB together: the big one went alone
+    assert [s.request_id for s in stub.settled] == ["small0", "big", "small1", "small2"]
+    await q.close()
 
 
 class Down(grpc.aio.AioRpcError):
