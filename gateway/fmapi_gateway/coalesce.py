@@ -19,8 +19,9 @@ R = TypeVar("R")
 
 
 class Coalescer(Generic[T, R]):
-    """``call(items)`` answers each item, in order. One call runs at a time; it carries at most ``max_count`` items and ``max_bytes`` (by ``size``), except that an item
-    bigger than that goes alone.
+    """``call(items)`` answers each item, in order. One call runs at a time; it carries at most
+    ``max_count`` items and ``max_bytes`` (by ``size``), except that an item bigger than that
+    goes alone.
 
     A caller that is cancelled while its item still waits takes the item back (it is never
     sent) when ``withdraw`` is set; otherwise the item is sent anyway. A call that raises
