@@ -191,15 +191,7 @@ _STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 def from_rpc_error(exc: grpc.RpcError) -> FmapiError:
     """Rebuild the domain error carried by a failed call (details included)."""
-    from grpc_status import rpc_status
-
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    message = (exc.details() if hasattr(exc, "details") else None) or str(code)
-    try:
-        status = rpc_status.from_call(exc)
-    except Exception:  # malformed trailers: keep code and message
-        status = None
-    return _rebuild(code, message, status)
+    return from_status(rpc_error_status(exc))
 
 
 def from_status(status: status_pb2.Status) -> FmapiError:
@@ -225,20 +217,19 @@ def rpc_error_status(exc: grpc.RpcError) -> status_pb2.Status:
         exc.details() if hasattr(exc, "details") else None) or str(code))
 
 
-def _rebuild(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> FmapiError:
+def _rebuild(code: grpc.StatusCode, message: str, status: status_pb2.Status) -> FmapiError:
     param = reason = None
     retry_after = None
-    if status is not None:
-        for any_ in status.details:
-            if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                any_.Unpack(info)
-                reason = info.metadata.get("code") or info.reason or None
-                param = info.metadata.get("param") or None
-            elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                ri = error_details_pb2.RetryInfo()
-                any_.Unpack(ri)
-                retry_after = ri.retry_delay.seconds + ri.retry_delay.nanos / 1e9
+    for any_ in status.details:
+        if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            any_.Unpack(info)
+            reason = info.metadata.get("code") or info.reason or None
+            param = info.metadata.get("param") or None
+        elif any_.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            ri = error_details_pb2.RetryInfo()
+            any_.Unpack(ri)
+            retry_after = ri.retry_delay.seconds + ri.retry_delay.nanos / 1e9
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and reason is None:
         # No status details: the transport failed (the server is gone or unreachable), not the
         # server's own refusal.
