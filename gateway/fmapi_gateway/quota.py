@@ -72,10 +72,19 @@ def _rule(key: int, limits) -> pb.LimitRule | None:
                         output_tokens_per_minute=values[2], tokens_per_minute=values[3])
 
 
-def rules(limits: routing_pb2.Limits, principal: str) -> list[pb.LimitRule]:
+def service_principal_default(limits: routing_pb2.Limits) -> routing_pb2.RateLimits | routing_pb2.Limits:
+    """Service principals' default: their own when the endpoint has one (even empty: none),
+    else every principal's (the per-minute fields of ``limits``)."""
+    if limits.HasField("service_principal_default"):
+        return limits.service_principal_default
+    return limits
+
+
+def rules(limits: routing_pb2.Limits, principal: str, principal_kind: str = "user") -> list[pb.LimitRule]:
     """The limits that apply to ``principal``: the endpoint's ceiling for everyone together, and
-    the principal's own (its named override when there is one, else the per-principal default)."""
-    own = next((p.limits for p in limits.principals if p.principal == principal), limits)
+    the principal's own (its named override when there is one, else its kind's default)."""
+    default = service_principal_default(limits) if principal_kind == "service_principal" else limits
+    own = next((p.limits for p in limits.principals if p.principal == principal), default)
     found = (_rule(pb.LIMIT_KEY_ENDPOINT, limits.endpoint), _rule(pb.LIMIT_KEY_PRINCIPAL, own))
     return [r for r in found if r is not None]
 
@@ -287,7 +296,7 @@ class Quota:
             streaming=streaming,
             client_request_id=tags.client_request_id,
             usage_context=tags.usage_context,
-            rules=rules(endpoint.limits, caller.principal),
+            rules=rules(endpoint.limits, caller.principal, caller.principal_kind),
             input_characters=input_characters,
         )
         if endpoint.capacity_mode == routing_pb2.CAPACITY_MODE_PROVISIONED_THROUGHPUT:

@@ -21,6 +21,7 @@ from fmapi.routing.v1 import routing_pb2 as pb
 from fmapi_common.endpoints import MODES, TASKS, name_served
 from fmapi_common.errors import InvalidArgument
 
+from .quota import service_principal_default
 from .tasks import TASK_NAMES
 
 _UPDATE_NAMES = {
@@ -171,7 +172,7 @@ def ai_gateway(body: Mapping, param: str = "ai_gateway") -> tuple[pb.Endpoint, l
                      f"{param}.rate_limits")
         paths += [f"limits.{f}" for f in ("requests_per_minute", "input_tokens_per_minute",
                                           "output_tokens_per_minute", "tokens_per_minute",
-                                          "endpoint", "principals")]
+                                          "endpoint", "principals", "service_principal_default")]
     gw = out.ai_gateway
     if "usage_tracking_config" in body:
         cfg = _obj(body["usage_tracking_config"], f"{param}.usage_tracking_config")
@@ -201,12 +202,15 @@ def ai_gateway(body: Mapping, param: str = "ai_gateway") -> tuple[pb.Endpoint, l
 
 
 def _rate_limits(limits: pb.Limits, entries: list, param: str) -> None:
-    default: tuple | None = None
+    """The managed product's ``rate_limits[]`` into ``limits``: one default per key (users,
+    service principals; a key given no default is unlimited for its principals), one ceiling for
+    the endpoint, and overrides for named principals, each read back with the key it was given."""
+    defaults: dict[str, pb.RateLimits] = {}
     seen: set[tuple[str, str]] = set()
     for i, rl in enumerate(entries):
         where = f"{param}[{i}]"
         rl = _obj(rl, where)
-        key = rl.get("key") or "user"
+        key = rl.get("key") or "endpoint"  # the managed product's default key
         if key not in _KEYS:
             raise InvalidArgument(f"'key' must be one of {', '.join(_KEYS)} (fmapi has no user "
                                   "groups)", param=f"{where}.key")
@@ -222,26 +226,27 @@ def _rate_limits(limits: pb.Limits, entries: list, param: str) -> None:
             tokens_per_minute=_count(rl.get("tokens"), f"{where}.tokens"),
             input_tokens_per_minute=_count(rl.get("input_tokens"), f"{where}.input_tokens"),
             output_tokens_per_minute=_count(rl.get("output_tokens"), f"{where}.output_tokens"))
-        ident = ("endpoint" if key == "endpoint" else "principal", principal)
         if key != "endpoint" and not principal:
-            # fmapi has one default for every principal, users and service principals alike.
-            as_tuple = values.SerializeToString(deterministic=True)
-            if default is not None and default != as_tuple:
-                raise InvalidArgument("the default limits of users and service principals must "
-                                      "be the same in fmapi", param=where)
-            default = as_tuple
-            limits.requests_per_minute = values.requests_per_minute
-            limits.tokens_per_minute = values.tokens_per_minute
-            limits.input_tokens_per_minute = values.input_tokens_per_minute
-            limits.output_tokens_per_minute = values.output_tokens_per_minute
+            if key in defaults:
+                raise InvalidArgument(f"two default limits for key '{key}'", param=where)
+            defaults[key] = values
             continue
+        # A principal is one principal whatever key names it: one override each.
+        ident = ("endpoint" if key == "endpoint" else "principal", principal)
         if ident in seen:
             raise InvalidArgument("two limits for the same key and principal", param=where)
         seen.add(ident)
         if key == "endpoint":
             limits.endpoint.CopyFrom(values)
         else:
-            limits.principals.add(principal=principal, limits=values)
+            limits.principals.add(principal=principal, limits=values, key=key)
+    users = defaults.get("user", pb.RateLimits())
+    limits.requests_per_minute = users.requests_per_minute
+    limits.tokens_per_minute = users.tokens_per_minute
+    limits.input_tokens_per_minute = users.input_tokens_per_minute
+    limits.output_tokens_per_minute = users.output_tokens_per_minute
+    # Set even when absent: service principals then have no default, as in the managed product.
+    limits.service_principal_default.CopyFrom(defaults.get("service_principal", pb.RateLimits()))
 
 
 def create_request(body: Mapping) -> pb.Endpoint:
@@ -329,8 +334,8 @@ def _limit(key: str, values: pb.RateLimits | pb.Limits, principal: str = "") -> 
 def render_ai_gateway(ep: pb.Endpoint) -> dict:
     lim = ep.limits
     entries = [_limit("endpoint", lim.endpoint), _limit("user", lim),
-               _limit("service_principal", lim),
-               *(_limit("user", p.limits, p.principal) for p in lim.principals)]
+               _limit("service_principal", service_principal_default(lim)),
+               *(_limit(p.key or "user", p.limits, p.principal) for p in lim.principals)]
     gw = ep.ai_gateway
     fallback = {"enabled": gw.fallback_enabled}
     if ep.fallbacks:

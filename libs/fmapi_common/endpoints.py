@@ -14,7 +14,15 @@ from typing import Literal
 
 import yaml
 from google.protobuf import json_format
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fmapi.routing.v1 import routing_pb2 as pb
 
@@ -50,6 +58,14 @@ class RateLimits(_Strict):
 class PrincipalLimit(_Strict):
     principal: str = Field(min_length=1, max_length=256)
     limits: RateLimits
+    # The managed product's ``rate_limits[].key`` it was given (it applies to the named principal
+    # whatever that principal's kind); kept so the override reads back as it was written.
+    key: Literal["user", "service_principal"] = "user"
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _unset_key_is_user(cls, v):
+        return v or "user"
 
 
 class Limits(RateLimits):
@@ -58,6 +74,9 @@ class Limits(RateLimits):
 
     endpoint: RateLimits = RateLimits()
     principals: list[PrincipalLimit] = []
+    # Service principals' own default, when given (the managed product keeps one per key); when
+    # None, the per-principal default above applies to them too.
+    service_principal_default: RateLimits | None = None
     default_max_tokens: int = Field(0, ge=0)
     # Longest prompt accepted, in tokens (0 = the model's context length).
     max_prompt_tokens: int = Field(0, ge=0, le=2**31 - 1)
@@ -263,6 +282,8 @@ def to_pb(ep: Endpoint) -> pb.Endpoint:
     for key in ("provisioned_throughput", "embedding", "generation"):
         if d[key] is None:
             del d[key]
+    if d["limits"]["service_principal_default"] is None:
+        del d["limits"]["service_principal_default"]
     return json_format.ParseDict(d, pb.Endpoint())
 
 

@@ -218,6 +218,18 @@ def test_databricks_sdk_manages_an_endpoint_at_run_time(cp, w, http):
         assert cp.metric(q, "fmapi_grpc_server_started_total", **quota_calls) > before_q[q], q
     assert w.serving_endpoints.get("sdk-ep").ai_gateway.rate_limits[0].calls == 6
 
+    # What put_ai_gateway writes, get reads back: a default for users only, and an override
+    # given as a service principal's, keep their keys.
+    minute = serving.AiGatewayRateLimitRenewalPeriod.MINUTE
+    written = [serving.AiGatewayRateLimit(key=serving.AiGatewayRateLimitKey.USER, calls=900,
+                                          renewal_period=minute),
+               serving.AiGatewayRateLimit(key=serving.AiGatewayRateLimitKey.SERVICE_PRINCIPAL,
+                                          principal="app-7", calls=800, renewal_period=minute)]
+    w.serving_endpoints.put_ai_gateway("sdk-ep", rate_limits=written)
+    read = w.serving_endpoints.get("sdk-ep").ai_gateway.rate_limits
+    assert [(r.key.value, r.principal, r.calls) for r in read] == [
+        ("user", None, 900), ("service_principal", "app-7", 800)]
+
     _everywhere(lambda: w.serving_endpoints.delete("sdk-ep"))
     with pytest.raises(NotFound):
         w.serving_endpoints.get("sdk-ep")

@@ -302,3 +302,56 @@ def test_served_entities_with_the_same_name_are_a_400():
                        "traffic_config": {"routes": [{"served_entity_name": "a",
                                                       "traffic_percentage": 100}]}})
     assert err.value.param == "config.served_entities" and "unique" in err.value.message
+
+
+def test_users_and_service_principals_each_get_their_own_default_when_the_endpoint_has_one():
+    yaml_style = limits(requests_per_minute=2)  # one default for every principal
+    assert [r.requests_per_minute for r in rules(yaml_style, "app-1", "service_principal")] == [2]
+    own = limits(requests_per_minute=2, service_principal_default={"requests_per_minute": 30})
+    assert [r.requests_per_minute for r in rules(own, "app-1", "service_principal")] == [30]
+    assert [r.requests_per_minute for r in rules(own, "alice", "user")] == [2]
+    none = limits(requests_per_minute=2, service_principal_default={})
+    assert rules(none, "app-1", "service_principal") == []  # users only: service principals free
+
+
+def _round_trip(entries: list[dict]) -> list[dict]:
+    """What ``GET`` shows after ``PUT .../ai-gateway`` with ``rate_limits=entries``, the update
+    merged the way the routing registry merges it."""
+    from google.protobuf import field_mask_pb2
+
+    from fmapi_common.endpoints import from_pb, to_pb
+    from fmapi_gateway.serving_endpoints import ai_gateway, render_ai_gateway
+
+    stored = routing_pb2.Endpoint(name="e", task=routing_pb2.TASK_EMBEDDINGS,
+                                  served_entities=[{"name": "m", "model": "m",
+                                                    "traffic_percentage": 100}],
+                                  limits={"requests_per_minute": 4})  # as the YAML gives it
+    update, paths = ai_gateway({"rate_limits": entries})
+    field_mask_pb2.FieldMask(paths=paths).MergeMessage(update, stored, True, True)
+    return render_ai_gateway(to_pb(from_pb(stored)))["rate_limits"]
+
+
+@pytest.mark.parametrize("entries", [
+    [{"key": "user", "calls": 5, "renewal_period": "minute"}],
+    [{"key": "service_principal", "tokens": 70, "renewal_period": "minute"}],
+    [{"key": "user", "calls": 5, "renewal_period": "minute"},
+     {"key": "service_principal", "calls": 9, "renewal_period": "minute"}],
+    [{"key": "endpoint", "calls": 50, "renewal_period": "minute"},
+     {"key": "service_principal", "principal": "app-1", "calls": 8, "renewal_period": "minute"},
+     {"key": "user", "principal": "alice", "calls": 7, "renewal_period": "minute"}],
+])
+def test_rate_limits_read_back_as_they_were_put(entries):
+    assert _round_trip(entries) == entries
+
+
+def test_two_defaults_for_one_key_are_a_400():
+    from fmapi_gateway.serving_endpoints import ai_gateway
+
+    with pytest.raises(InvalidArgument) as err:
+        ai_gateway({"rate_limits": [{"key": "user", "calls": 1}, {"key": "user", "calls": 2}]})
+    assert err.value.param == "ai_gateway.rate_limits[1]" and "two default" in err.value.message
+
+
+def test_a_rate_limit_without_a_key_is_the_endpoints_as_in_the_managed_product():
+    assert _round_trip([{"calls": 5}]) == [{"key": "endpoint", "calls": 5,
+                                             "renewal_period": "minute"}]
