@@ -223,7 +223,8 @@ class System:
         # Model servers load in parallel; each registers with routing once it is ready.
         waits = [self._spawn(
             _replica("embedding", i), "fmapi_embedding", "FMAPI_EMBEDDING_",
-            {"FMAPI_EMBEDDING_ROUTING_ADDR": routing_addr, "HF_HUB_OFFLINE": "1",
+            {"FMAPI_EMBEDDING_ROUTING_ADDR": routing_addr, "FMAPI_EMBEDDING_QUOTA_ADDR": quota_addr,
+             "HF_HUB_OFFLINE": "1",
              **self.opts.embedding_env}, identity="embedding",
         ) for i in range(n("embedding"))]
         for spec in self.opts.generation:

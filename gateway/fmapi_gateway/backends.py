@@ -94,18 +94,19 @@ class Backends:
         except FmapiError:
             return ""
 
-    async def counted(self, name: str, res: Resolution, count: Callable[[Resolution], Awaitable[T]]
-                      ) -> tuple[Resolution, T]:
-        """``count(res)``: the input tokens counted by the model server ``res`` chose. If that
-        server is gone (killed, its registration not expired yet), endpoint ``name`` is resolved
-        again, avoiding it, and counted on another; returns the resolution that counted."""
+    async def on_live_replica(self, name: str, res: Resolution,
+                              call: Callable[[Resolution], Awaitable[T]]) -> tuple[Resolution, T]:
+        """``call(res)`` on the model server ``res`` chose. If that server is gone (killed, its
+        registration not expired yet), endpoint ``name`` is resolved again, avoiding it, and
+        called on another; returns the resolution that answered. (Only for calls that may run
+        twice: counting, or an embedding whose admission is charged once by request id.)"""
         try:
-            return res, await count(res)
+            return res, await call(res)
         except FmapiError as exc:
             if not self.unreachable(res.replica.address, exc):
                 raise
         res = await self.resolve(name)
-        return res, await count(res)
+        return res, await call(res)
 
     async def list_endpoints(self) -> list[routing_pb2.Endpoint]:
         view = self.registry.view

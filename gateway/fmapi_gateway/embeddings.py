@@ -1,10 +1,12 @@
 """The embeddings use case, shared by the REST and the public gRPC API.
 
-Resolve the endpoint, count the input tokens with the model server's tokenizer, have the quota
-service admit them, embed, and settle (exactly once, whatever happens)."""
+Resolve the endpoint, hand the embedding server the request with its admission (the server
+counts the input tokens with the model's tokenizer and has the quota service admit them before
+the model runs), and settle (exactly once, whatever happens)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +20,7 @@ from fmapi_common.identity import Identity
 from . import metrics
 from .backends import Backends
 from .callers import require_query
-from .quota import UsageTags, status_of
+from .quota import CLIENT_CLOSED, UsageTags, status_of
 from .tasks import check_endpoint_name, require_task
 
 
@@ -47,20 +49,46 @@ async def embed(
     """``status`` says what an exception means for the caller (the gRPC API maps its client's
     expired deadline to 504)."""
     try:
-        res, req, meter = await _admit(backends, caller, endpoint_name, inputs, tags,
-                                       dimensions=dimensions, instruction=instruction)
+        res, req = await _prepare(backends, caller, endpoint_name, inputs, tags,
+                                  dimensions=dimensions, instruction=instruction)
     except BaseException as exc:
         metrics.finished(backends.endpoint_label(endpoint_name), status(exc),
                          caller.principal_kind)
         raise
     ep = res.endpoint
-    if meter is None:  # an unmetered gateway (benchmarks)
-        resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
+    cap = backends.request_cap(ep)
+    if backends.quota is None:  # an unmetered gateway (benchmarks)
+        resp = await backends.embed(res.replica.address, req, cap)
         return _result(ep.name, res.model, resp, {})
+    quota = backends.quota
+    started = time.monotonic()
+
+    def on(chosen):
+        # A second try's traffic split may pick another served model; the admission travels
+        # with the request (the same request id: charged once whichever replica admits it).
+        req.model = req.admission.served_model = chosen.model
+        return backends.embed(chosen.replica.address, req, cap)
+
     try:
-        resp = await backends.embed(res.replica.address, req, backends.request_cap(ep))
+        res, resp = await backends.on_live_replica(endpoint_name, res, on)
+        if not resp.HasField("admission"):
+            # An embedding server older than admissions (a rolling upgrade) ignored it and ran
+            # the request: admit it now, on its exact count, before anyone sees the result.
+            meter = await quota.admit(
+                tags=tags, endpoint=ep, model=res.model, caller=caller,
+                input_tokens=resp.input_tokens, output_tokens=0, streaming=False,
+                input_param="input", input_characters=req.admission.input_characters)
+        else:
+            req.admission.input_tokens = resp.input_tokens
+            meter = quota.meter(req.admission, resp.admission, started, ep, tags, caller)
     except BaseException as exc:
-        meter.settle(output_tokens=0, status_code=status(exc))
+        code = status(exc)
+        metrics.finished(ep.name, code, caller.principal_kind)
+        if code >= 500 or code == CLIENT_CLOSED:
+            # It may have been admitted (the embedding server admits before the model runs):
+            # it ran to no one, so nothing it charged stays charged. A 4xx was refused or
+            # never reached admission: nothing to close.
+            quota.close_unknown(req.admission, code)
         raise
     result = _result(ep.name, res.model, resp, meter.headers)
     meter.settle(output_tokens=0, status_code=200, input_tokens=resp.input_tokens,
@@ -68,10 +96,11 @@ async def embed(
     return result
 
 
-async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
-                 inputs: list[str] | list[list[int]], tags: UsageTags, *,
-                 dimensions: int | None, instruction: str | None):
-    """Resolve, check, count and admit: everything that may refuse before anything runs."""
+async def _prepare(backends: Backends, caller: Identity, endpoint_name: str,
+                   inputs: list[str] | list[list[int]], tags: UsageTags, *,
+                   dimensions: int | None, instruction: str | None):
+    """Resolve and check everything the gateway can refuse before the embedding server: the
+    resolution and the request it gets, with its admission when this gateway meters."""
     check_endpoint_name(endpoint_name, "model")
     require_query(caller, endpoint_name)
     res = await backends.resolve(endpoint_name)
@@ -103,20 +132,14 @@ async def _admit(backends: Backends, caller: Identity, endpoint_name: str,
             req.inputs.add(text=item)
         else:
             req.inputs.add(tokens=embedding_pb2.TokenIds(ids=item))
-    if backends.quota is None:
-        return res, req, None
-
-    def count(chosen):
-        req.model = chosen.model  # a second try's traffic split may pick another served model
-        return backends.count_embedding_tokens(chosen.replica.address, req)
-
-    res, tokens = await backends.counted(endpoint_name, res, count)
-    meter = await backends.quota.admit(
-        tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=tokens,
-        output_tokens=0, streaming=False, input_param="input",
-        input_characters=sum(len(x) for x in inputs if isinstance(x, str)),
-    )
-    return res, req, meter
+    if backends.quota is not None:
+        # The embedding server counts the input tokens and admits: one call fewer than
+        # counting here first (docs/architecture.md, "Quota").
+        req.admission.CopyFrom(backends.quota.admission(
+            tags=tags, endpoint=ep, model=res.model, caller=caller, input_tokens=0,
+            output_tokens=0, streaming=False,
+            input_characters=sum(len(x) for x in inputs if isinstance(x, str))))
+    return res, req
 
 
 def _logged(result: Embeddings) -> dict:

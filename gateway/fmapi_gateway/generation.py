@@ -214,7 +214,7 @@ async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tag
         req.request_id = f"{tags.request_id}-{k}"
     meter = None
     if backends.quota is not None:
-        res, counts = await backends.counted(
+        res, counts = await backends.on_live_replica(
             call.endpoint, res,
             lambda chosen: backends.count_generation_tokens(chosen.replica.address, call.requests))
         meter = await backends.quota.admit(

@@ -22,20 +22,17 @@ import grpc
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from google.rpc import status_pb2
 from opentelemetry import trace
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
 from fmapi.routing.v1 import routing_pb2
+from fmapi_common.admission import MAX_BYTES, MAX_COUNT, Admitter, refusal, unreachable
 from fmapi_common.channels import make_channel
+from fmapi_common.coalesce import Coalescer
 from fmapi_common.errors import (
     FmapiError,
     InvalidArgument,
-    Unavailable,
-    from_rpc_error,
-    from_status,
-    rpc_error_status,
     to_http,
 )
 from fmapi_common.identity import Identity
@@ -43,7 +40,6 @@ from fmapi_common.ratelimit import ratelimit_headers
 from fmapi_common.tls import QUOTA, TlsFiles
 
 from . import metrics
-from .coalesce import Coalescer
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +231,9 @@ class Quota:
         # 256, or 2 MiB: a settlement with large inference-table payloads goes alone, under
         # the quota service's 4 MiB message limit). An admission whose caller went away
         # before it was sent is never sent; a settlement always is.
-        self._admissions: Coalescer[pb.AdmitRequest, pb.AdmitOutcome] = Coalescer(
-            self._admit_many, max_count=256, max_bytes=2 * 2**20, size=_byte_size,
-            withdraw=True)
+        self._admitter = Admitter(self._stub, timeout)
         self._settlements: Coalescer[pb.SettleRequest, None] = Coalescer(
-            self._settle_many, max_count=256, max_bytes=2 * 2**20, size=_byte_size)
+            self._settle_many, max_count=MAX_COUNT, max_bytes=MAX_BYTES, size=_byte_size)
 
     async def close(self) -> None:
         if self._renewer is not None:
@@ -263,7 +257,7 @@ class Quota:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def admit(
+    def admission(
         self,
         *,
         tags: UsageTags,
@@ -273,13 +267,12 @@ class Quota:
         input_tokens: int,
         output_tokens: int,
         streaming: bool,
-        input_param: str,
         input_characters: int = 0,
         sampling=None,
-    ) -> Meter:
-        """Charge ``input_tokens`` and reserve ``output_tokens`` on every applicable limit, or
-        raise (429 / 400 naming ``input_param`` or ``max_tokens`` / 503)."""
-        started = time.monotonic()
+    ) -> pb.AdmitRequest:
+        """The admission of a request: charge ``input_tokens`` and reserve ``output_tokens`` on
+        every applicable limit. Made here (:meth:`admit`) or by the embedding server, which
+        counts the input tokens itself."""
         metrics.admitted_span(
             trace.get_current_span(), operation=_OPERATIONS.get(endpoint.task, ""),
             endpoint=endpoint.name, model=model, principal=caller.principal,
@@ -302,27 +295,43 @@ class Quota:
         if endpoint.capacity_mode == routing_pb2.CAPACITY_MODE_PROVISIONED_THROUGHPUT:
             # Admitted against the capacity the endpoint is provisioned up to.
             req.provisioned_throughput.tokens_per_second = endpoint.provisioned_throughput.max_tokens_per_second
+        return req
+
+    async def admit(self, *, tags: UsageTags, endpoint: routing_pb2.Endpoint, caller: Identity,
+                    input_param: str, **kw) -> Meter:
+        """Admit (one call to the quota service) or raise (429 / 400 naming ``input_param`` or
+        ``max_tokens`` / 503); ``kw`` as :meth:`admission` takes them."""
+        started = time.monotonic()
+        req = self.admission(tags=tags, endpoint=endpoint, caller=caller, **kw)
         try:
-            out = await self._admissions.submit(req)
+            out = await self._admitter.outcome(req)
         except (grpc.RpcError, asyncio.CancelledError) as exc:
-            # The admission may have happened with its answer lost: close it at once (a
-            # settlement of an unknown request does nothing) rather than at its lease's end.
-            status = CLIENT_CLOSED if isinstance(exc, asyncio.CancelledError) else 503
-            # It never ran: nothing charged stays charged.
-            self.spawn(self.settle(pb.SettleRequest(request_id=tags.request_id,
-                                                    endpoint=endpoint.name, status_code=status,
-                                                    finish_reason="not_run", input_tokens=0)))
+            self.close_unknown(req, CLIENT_CLOSED if isinstance(exc, asyncio.CancelledError)
+                               else 503)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise _admission_error(from_rpc_error(exc), input_param) from None
+            raise _admission_error(unreachable(exc), input_param) from None
         if out.WhichOneof("outcome") != "admitted":  # refused: nothing was charged
-            raise _admission_error(from_status(status_pb2.Status.FromString(out.refused)),
-                                   input_param)
-        resp = out.admitted
+            raise _admission_error(refusal(out), input_param)
+        return self.meter(req, out.admitted, started, endpoint, tags, caller)
+
+    def meter(self, req: pb.AdmitRequest, admitted: pb.AdmitResponse, started: float,
+              endpoint: routing_pb2.Endpoint, tags: UsageTags, caller: Identity) -> Meter:
+        """The :class:`Meter` of a request admitted with ``admitted`` (by :meth:`admit`, or by
+        the model server the request ran on)."""
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
-        return Meter(self, tags.request_id, endpoint.name, resp, started, _sampled(endpoint, tags),
-                     principal_kind=caller.principal_kind, input_tokens=input_tokens)
+        return Meter(self, req.request_id, endpoint.name, admitted, started,
+                     _sampled(endpoint, tags), principal_kind=caller.principal_kind,
+                     input_tokens=req.input_tokens)
+
+    def close_unknown(self, req: pb.AdmitRequest, status: int) -> None:
+        """Close an admission whose answer never came (it may have happened with its answer
+        lost) at once, rather than at its lease's end: it never ran, so nothing charged stays
+        charged (settling a request that was never admitted does nothing)."""
+        self.spawn(self.settle(pb.SettleRequest(request_id=req.request_id,
+                                                endpoint=req.endpoint, status_code=status,
+                                                finish_reason="not_run", input_tokens=0)))
 
     async def renew(self, request_id: str, endpoint: str) -> None:
         try:
@@ -334,23 +343,6 @@ class Quota:
     async def settle(self, req: pb.SettleRequest) -> None:
         """Settle ``req``: it goes in the next SettleMany call (returns once that answered)."""
         await self._settlements.submit(req)
-
-    async def _admit_many(self, reqs: list[pb.AdmitRequest]) -> list[pb.AdmitOutcome]:
-        try:
-            resp = await self._stub.AdmitMany(pb.AdmitManyRequest(admissions=reqs),
-                                              timeout=self._timeout)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            # A quota service older than AdmitMany (a rolling upgrade): one call each.
-            return list(await asyncio.gather(*(self._admit_one(r) for r in reqs)))
-        return list(resp.outcomes)
-
-    async def _admit_one(self, req: pb.AdmitRequest) -> pb.AdmitOutcome:
-        try:
-            return pb.AdmitOutcome(admitted=await self._stub.Admit(req, timeout=self._timeout))
-        except grpc.RpcError as exc:
-            return pb.AdmitOutcome(refused=rpc_error_status(exc).SerializeToString())
 
     async def _settle_many(self, reqs: list[pb.SettleRequest]) -> list[None]:
         """Never raises: a settlement that fails is logged, and its lease settles it at its
@@ -414,9 +406,6 @@ def _client_request_id(value) -> str:
 
 
 def _admission_error(err: FmapiError, input_param: str) -> FmapiError:
-    if isinstance(err, Unavailable) and err.retry_after is None:  # the service itself is down
-        return Unavailable("metering is unavailable (the quota service cannot be reached), so "
-                           "the request was not run; retry shortly", retry_after=1.0)
     if err.param == "input":
         err.param = input_param
     return err

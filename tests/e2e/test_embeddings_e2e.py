@@ -160,12 +160,18 @@ def test_one_trace_spans_gateway_quota_and_embedding_without_routing(system, otl
     assert gw.parent_id == envoy.span_id
     assert gw.attributes["gen_ai.operation.name"] == "embeddings"
     assert gw.attributes["gen_ai.usage.input_tokens"] == r.json()["usage"]["prompt_tokens"]
-    for service, method in (("quota", "Admit"), ("embedding", "Embed")):
-        server = next(s for s in spans if s.service == service and s.kind == 2 and method in s.name)
-        # server span <- gateway's client span <- gateway's request span
+    # embedding's server span <- gateway's client span <- gateway's request span; the
+    # embedding server admits the request itself (it counts its tokens):
+    # quota's server span <- embedding's client span <- embedding's server span
+    embedding = next(s for s in spans if s.service == "embedding" and s.kind == 2
+                     and "Embed" in s.name)
+    quota = next(s for s in spans if s.service == "quota" and s.kind == 2 and "Admit" in s.name)
+    for server, caller, parent in ((embedding, "gateway", gw), (quota, "embedding", embedding)):
         client_span = by_id[server.parent_id]
-        assert client_span.service == "gateway" and client_span.kind == 3
-        assert client_span.parent_id == gw.span_id
+        assert client_span.service == caller and client_span.kind == 3
+        assert client_span.parent_id == parent.span_id
+    # No CountTokens call: the tokens were counted where they were embedded.
+    assert not [s for s in spans if "CountTokens" in s.name]
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,8 @@ def test_a_request_limit_is_exact_under_200_concurrent_callers(system):
     """Endpoint ceiling of 30 requests a minute: 200 callers at once, exactly 30 get through."""
     limit, callers = 30, 200
     token = system.admin_token
+    embedded = ("embedding", "fmapi_embedding_batch_size_sum")  # inputs the model embedded
+    before = system.metric(*embedded)
 
     async def main():
         limits = httpx.Limits(max_connections=callers, max_keepalive_connections=callers)
@@ -74,6 +76,8 @@ def test_a_request_limit_is_exact_under_200_concurrent_callers(system):
         assert_429(r)
     # The bucket refills at limit/60 per second while the burst runs: at most that much more.
     assert limit <= len(ok) <= limit + int(elapsed * limit / 60) + 1, (len(ok), elapsed)
+    # Admission comes before any model work: a refused request was never embedded.
+    assert system.metric(*embedded) - before == len(ok)
     deadline = time.monotonic() + 30  # the usage writer moves records to SQL within a second
     while len(records := usage_records(system, "q-embed-ceiling")) < callers:
         assert time.monotonic() < deadline, len(records)

@@ -123,6 +123,16 @@ async def test_truncation_or_a_clear_error_for_long_inputs(stub):
     assert "at most 256" in err.value.details()
 
 
+async def test_a_request_to_admit_is_refused_by_a_server_without_a_quota_service(stub):
+    # It would otherwise run unmetered.
+    request = req(MINILM, ["hello"])
+    request.admission.request_id = "r-1"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Embed(request)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no quota service" in err.value.details()
+
+
 async def test_dimensions_keep_a_prefix(stub):
     full = vecs(await stub.Embed(req(MINILM, ["abc"], normalize=False)))
     cut = vecs(await stub.Embed(req(MINILM, ["abc"], normalize=False, dimensions=64)))

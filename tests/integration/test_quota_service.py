@@ -435,6 +435,21 @@ async def test_attack_only_the_gateway_may_call_quota(quota):
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_attack_the_embedding_server_may_admit_and_nothing_else(quota):
+    async with tls.aio_channel(quota[0][0], "embedding", "quota") as ch:
+        stub = quota_pb2_grpc.QuotaServiceStub(ch)
+        rid = f"emb-{uuid.uuid4().hex}"
+        out = await stub.AdmitMany(pb.AdmitManyRequest(admissions=[_admit(_endpoint(), rid=rid)]))
+        assert out.outcomes[0].WhichOneof("outcome") == "admitted"
+        for call in (stub.Settle(pb.SettleRequest(request_id=rid, endpoint="e", status_code=200)),
+                     stub.SettleMany(pb.SettleManyRequest()),
+                     stub.RenewLease(pb.RenewLeaseRequest(request_id=rid, endpoint="e")),
+                     stub.GetCapacity(pb.GetCapacityRequest(endpoint="e"))):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_attack_without_a_client_certificate_the_connection_fails(quota):
     with open(tls.files("gateway").ca, "rb") as f:
         creds = grpc.ssl_channel_credentials(f.read())

@@ -91,9 +91,15 @@ class FakeStub:
             pb.SettleOutcome(result=pb.SettleOutcome.RESULT_SETTLED)] * len(req.settlements))
 
 
+def _fake(q: Quota) -> FakeStub:
+    """``q`` talking to a fake quota service (its admissions and its other calls)."""
+    stub = q._stub = q._admitter._stub = FakeStub()
+    return stub
+
+
 async def test_a_long_request_renews_its_lease_until_settled_once():
     q = Quota("127.0.0.1:1", None)
-    stub = q._stub = FakeStub()
+    stub = _fake(q)
     endpoint = routing_pb2.Endpoint(name="ep", limits=limits(requests_per_minute=10))
     caller = Identity(principal="alice", workspace="w", token_id="t")
     meter = await q.admit(tags=UsageTags("rid"), endpoint=endpoint, model="m", caller=caller,
@@ -114,7 +120,7 @@ async def test_a_long_request_renews_its_lease_until_settled_once():
 
 async def test_settlements_that_queue_behind_a_call_in_flight_go_in_one_call():
     q = Quota("127.0.0.1:1", None)
-    stub = q._stub = FakeStub()
+    stub = _fake(q)
     stub.gate.clear()  # the first call hangs until released
     first = asyncio.create_task(q.settle(pb.SettleRequest(request_id="r0", endpoint="ep")))
     await asyncio.sleep(0.05)
@@ -132,7 +138,7 @@ async def test_settlements_that_queue_behind_a_call_in_flight_go_in_one_call():
 
 async def test_a_failed_settlement_call_answers_every_caller_and_the_next_one_goes_out():
     q = Quota("127.0.0.1:1", None)
-    stub = q._stub = FakeStub()
+    stub = _fake(q)
     good = stub.SettleMany
 
     async def down_once(req, timeout):
@@ -157,7 +163,7 @@ def _admit(q: Quota, rid: str):
 
 async def test_admissions_that_queue_behind_a_call_go_in_one_and_are_answered_each():
     q = Quota("127.0.0.1:1", None)
-    stub = q._stub = FakeStub()
+    stub = _fake(q)
     stub.admit_gate.clear()
     first = asyncio.create_task(_admit(q, "a0"))
     await asyncio.sleep(0.05)
@@ -182,7 +188,7 @@ async def test_admissions_that_queue_behind_a_call_go_in_one_and_are_answered_ea
 
 async def test_a_quota_service_without_admit_many_gets_one_admit_each():
     q = Quota("127.0.0.1:1", None)
-    stub = q._stub = FakeStub()
+    stub = _fake(q)
 
     async def admit_many(req, timeout):
         raise Unimplemented()
@@ -218,7 +224,7 @@ class Unimplemented(grpc.aio.AioRpcError):
 async def test_a_quota_service_without_settle_many_gets_one_settle_each():
     """A rolling upgrade: the new gateway meets a quota service older than SettleMany."""
     q = Quota("127.0.0.1:1", None)
-    stub = q._stub = FakeStub()
+    stub = _fake(q)
     one_by_one = []
 
     async def settle_many(req, timeout):
@@ -236,7 +242,7 @@ async def test_a_quota_service_without_settle_many_gets_one_settle_each():
 
 async def test_a_settlement_too_big_to_share_a_call_goes_alone():
     q = Quota("127.0.0.1:1", None)
-    stub = q._stub = FakeStub()
+    stub = _fake(q)
     stub.gate.clear()
     big = pb.SettleRequest(request_id="big", endpoint="ep", payload=pb.Payload(
         request_json="x" * (3 * 2**20)))
@@ -263,7 +269,7 @@ class Down(grpc.aio.AioRpcError):
 
 async def test_an_unreachable_quota_service_refuses_and_closes_the_admission():
     q = Quota("127.0.0.1:1", None)
-    stub = q._stub = FakeStub()
+    stub = _fake(q)
 
     async def admit(req, timeout):
         raise Down()

@@ -7,8 +7,10 @@ model's thread.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,11 @@ class EmbedOptions:
 class EmbedResult:
     vectors: np.ndarray  # (n, d) float32
     input_tokens: int
+    admission: Any = None  # what ``admit`` returned
+
+
+# Admission of a request of this many input tokens: returns the answer, or raises the refusal.
+Admit = Callable[[int], Awaitable[Any]]
 
 
 class HostedModel:
@@ -59,16 +66,20 @@ class Embedder:
         _, tokens = await self._prepare(model, inputs, opts)
         return sum(len(t.ids) for t in tokens)
 
-    async def embed(self, model: str, inputs: list[str | list[int]], opts: EmbedOptions) -> EmbedResult:
+    async def embed(self, model: str, inputs: list[str | list[int]], opts: EmbedOptions,
+                    admit: Admit | None = None) -> EmbedResult:
+        """The vectors of ``inputs``; with ``admit``, the request is admitted on its exact token
+        count after it is checked and tokenized, and before the model sees it."""
         hosted, tokens = await self._prepare(model, inputs, opts)
         used = sum(len(t.ids) for t in tokens)
+        admission = None if admit is None else await admit(used)
         vectors = np.asarray(await hosted.batcher.submit(tokens, used), dtype=np.float32)
         if opts.dimensions:
             vectors = vectors[:, : opts.dimensions]
         if opts.normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
-        return EmbedResult(vectors, used)
+        return EmbedResult(vectors, used, admission)
 
     async def _prepare(self, model: str, inputs: list[str | list[int]],
                        opts: EmbedOptions) -> tuple[HostedModel, list[Tokens]]:

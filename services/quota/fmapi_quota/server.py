@@ -11,15 +11,18 @@ from fmapi.quota.v1 import quota_pb2_grpc
 from fmapi_common.redis_client import make_redis as make_client
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
-from fmapi_common.tls import GATEWAY
+from fmapi_common.tls import EMBEDDING, GATEWAY
 
 from .config import QuotaConfig
 from .service import QuotaService
 from .servicer import SERVICE_NAME, QuotaServicer
 from .store import QuotaStore
 
-# Only the gateway admits and settles requests (and reads capacity, for now).
-POLICY = {f"/{SERVICE_NAME}/": [GATEWAY]}
+# The gateway meters every request; the embedding server may only admit (it counts the input
+# tokens of the embedding requests the gateway hands it with their admission).
+POLICY = {f"/{SERVICE_NAME}/": [GATEWAY],
+          f"/{SERVICE_NAME}/Admit": [GATEWAY, EMBEDDING],
+          f"/{SERVICE_NAME}/AdmitMany": [GATEWAY, EMBEDDING]}
 
 
 def make_redis(config: QuotaConfig) -> aioredis.Redis:
