@@ -138,3 +138,51 @@ async def test_lone_request_waits_at_most_max_wait(executor):
 def test_bounds_are_validated():
     with pytest.raises(ValueError):
         DynamicBatcher(lambda x: x, executor=None, max_batch_size=0)
+
+
+async def test_a_gated_request_joins_no_batch_before_its_gate_opens(executor):
+    rec = Recorder()
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=64, max_batch_tokens=10_000, max_wait=0.01)
+    gate = asyncio.get_running_loop().create_future()
+    gated = asyncio.create_task(b.submit(["admitted-later"], tokens=1, gate=gate))
+    await asyncio.sleep(0)
+    # A request without a gate, behind it in the queue, does not wait for it.
+    assert await asyncio.wait_for(b.submit(["free"], tokens=1), 2) == ["out:free"]
+    await asyncio.sleep(0.05)
+    assert rec.batches == [["free"]] and not gated.done()
+    gate.set_result("admitted")
+    assert await asyncio.wait_for(gated, 2) == ["out:admitted-later"]
+    assert rec.batches == [["free"], ["admitted-later"]]
+    await b.close()
+
+
+async def test_a_gate_that_fails_fails_its_request_and_nothing_runs(executor):
+    rec = Recorder()
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=64, max_batch_tokens=10_000, max_wait=0.01)
+    gate = asyncio.get_running_loop().create_future()
+    refused = asyncio.create_task(b.submit(["over-the-limit"], tokens=1, gate=gate))
+    await asyncio.sleep(0.03)
+    gate.set_exception(PermissionError("rate limit exceeded"))
+    with pytest.raises(PermissionError, match="rate limit"):
+        await asyncio.wait_for(refused, 2)
+    assert await b.submit(["next"], tokens=1) == ["out:next"]  # and the batcher keeps serving
+    assert rec.batches == [["next"]]
+    await b.close()
+
+
+async def test_a_gate_that_opens_within_the_wait_for_company_runs_inside_it(executor):
+    rec = Recorder()
+    wait, admission = 0.3, 0.25
+    b = DynamicBatcher(rec, executor=executor, max_batch_size=64, max_batch_tokens=10_000, max_wait=wait)
+
+    async def admitted_after(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "admitted"
+
+    t0 = time.monotonic()
+    gated = await b.submit(["gated"], tokens=1, gate=asyncio.ensure_future(admitted_after(admission)))
+    took = time.monotonic() - t0
+    assert gated == ["out:gated"]
+    # One after the other would take at least 0.55 s; at the same time, about the wait (0.3 s).
+    assert wait <= took < wait + admission * 0.6, took
+    await b.close()

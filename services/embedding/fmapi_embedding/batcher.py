@@ -5,6 +5,11 @@ company after its first request arrives. A request's items always travel togethe
 in order to that request alone; a request bigger than the bounds runs as a batch of its own. If a
 batch fails, its requests are retried one by one so that one bad request fails alone. The model
 runs in an executor, never on the event loop.
+
+A request may wait in the queue behind a ``gate`` (its admission by the quota service): it joins
+no batch before the gate has opened, and fails with the gate's error if the gate fails. The gate
+and the wait for company run at the same time, so an admission that answers within ``max_wait``
+costs a lone request nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ class _Pending(Generic[T, R]):
     tokens: int
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    gate: asyncio.Future | None = None
+
+    def ready(self) -> bool:
+        """Waiting, and free to join a batch (no gate, or its gate has opened)."""
+        return not self.future.done() and (self.gate is None or self.gate.done())
 
 
 @dataclass
@@ -75,13 +85,19 @@ class DynamicBatcher(Generic[T, R]):
         self._batch_size = BATCH_SIZE.labels(name)
         self._queue_wait = QUEUE_WAIT.labels(name)
 
-    async def submit(self, items: list[T], tokens: int) -> list[R]:
-        """Run ``items`` (costing ``tokens``) in some batch; results in the same order."""
+    async def submit(self, items: list[T], tokens: int, gate: asyncio.Future | None = None) -> list[R]:
+        """Run ``items`` (costing ``tokens``) in some batch, once ``gate`` (when given) has
+        completed; results in the same order. A gate that fails fails this request with its
+        error, and nothing runs."""
         if not items:
             return []
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._loop(), name="batcher")
-        pending = _Pending(items, tokens, asyncio.get_running_loop().create_future())
+        pending = _Pending(items, tokens, asyncio.get_running_loop().create_future(), gate=gate)
+        if gate is not None and not gate.done():
+            gate.add_done_callback(lambda g: self._opened(pending, g))
+        elif gate is not None:
+            self._opened(pending, gate)
         self._queue.append(pending)
         self._wake.set()
         self.inflight += 1
@@ -92,6 +108,15 @@ class DynamicBatcher(Generic[T, R]):
             # A cancelled caller still queued leaves the queue; one already running is ignored.
             if pending.future.cancelled() or not pending.future.done():
                 pending.future.cancel()
+
+    def _opened(self, pending: _Pending, gate: asyncio.Future) -> None:
+        if pending.future.done():
+            return
+        if gate.cancelled():
+            pending.future.cancel()
+        elif gate.exception() is not None:
+            pending.future.set_exception(gate.exception())
+        self._wake.set()
 
     async def close(self) -> None:
         if self._worker:
@@ -109,19 +134,21 @@ class DynamicBatcher(Generic[T, R]):
         while self._queue and self._queue[0].future.done():
             self._queue.popleft()
 
-    def _queued_items(self) -> int:
-        return sum(len(p.items) for p in self._queue if not p.future.done())
+    def _ready_items(self) -> int:
+        return sum(len(p.items) for p in self._queue if p.ready())
 
     async def _gather(self) -> list[_Pending[T, R]]:
-        """Wait for a first request, then up to ``max_wait`` for company; cut one batch."""
+        """Wait for a first request free to run, then up to ``max_wait`` (from its arrival) for
+        company; cut one batch of requests free to run (gated ones wait for the next)."""
         while True:
             self._drop_cancelled()
-            if self._queue:
+            first = next((p for p in self._queue if p.ready()), None)
+            if first is not None:
                 break
             self._wake.clear()
             await self._wake.wait()
-        deadline = self._queue[0].enqueued + self.max_wait
-        while self._queued_items() < self.max_batch_size:
+        deadline = first.enqueued + self.max_wait
+        while self._ready_items() < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -131,21 +158,26 @@ class DynamicBatcher(Generic[T, R]):
             except asyncio.TimeoutError:
                 break
         batch: list[_Pending[T, R]] = []
+        waiting: collections.deque[_Pending[T, R]] = collections.deque()
         size = tokens = 0
         while self._queue:
-            p = self._queue[0]
+            p = self._queue.popleft()
             if p.future.done():
-                self._queue.popleft()
+                continue
+            if not p.ready():
+                waiting.append(p)  # its gate is still closed: the next batch
                 continue
             fits = size + len(p.items) <= self.max_batch_size and tokens + p.tokens <= self.max_batch_tokens
             if batch and not fits:
+                self._queue.appendleft(p)
                 break
-            self._queue.popleft()
             batch.append(p)
             size += len(p.items)
             tokens += p.tokens
             if not fits:  # an oversized request runs alone
                 break
+        waiting.extend(self._queue)
+        self._queue = waiting
         return batch
 
     async def _execute(self, items: list[T]) -> Sequence[R]:

@@ -7,6 +7,7 @@ model's thread.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -69,11 +70,17 @@ class Embedder:
     async def embed(self, model: str, inputs: list[str | list[int]], opts: EmbedOptions,
                     admit: Admit | None = None) -> EmbedResult:
         """The vectors of ``inputs``; with ``admit``, the request is admitted on its exact token
-        count after it is checked and tokenized, and before the model sees it."""
+        count after it is checked and tokenized, and before the model sees it (it waits for its
+        batch meanwhile: see the batcher)."""
         hosted, tokens = await self._prepare(model, inputs, opts)
         used = sum(len(t.ids) for t in tokens)
-        admission = None if admit is None else await admit(used)
-        vectors = np.asarray(await hosted.batcher.submit(tokens, used), dtype=np.float32)
+        gate = None if admit is None else asyncio.ensure_future(admit(used))
+        try:
+            vectors = np.asarray(await hosted.batcher.submit(tokens, used, gate), dtype=np.float32)
+        finally:
+            if gate is not None and not gate.done():  # the caller went away: withdraw it
+                gate.cancel()
+        admission = None if gate is None else gate.result()
         if opts.dimensions:
             vectors = vectors[:, : opts.dimensions]
         if opts.normalize:
