@@ -233,6 +233,7 @@ class System:
                 {"FMAPI_GENERATION_MODEL_PATH": str(spec.path),
                  "FMAPI_GENERATION_SERVED_MODEL_NAME": spec.model,
                  "FMAPI_GENERATION_ROUTING_ADDR": routing_addr,
+                 "FMAPI_GENERATION_QUOTA_ADDR": quota_addr,
                  "HF_HUB_OFFLINE": "1", **spec.env},
                 identity="generation",
             ) for i in range(spec.replicas)]

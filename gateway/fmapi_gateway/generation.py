@@ -1,10 +1,11 @@
 """The chat/completions use case, shared by the REST and the public gRPC API.
 
-:func:`start` resolves the endpoint, asks the model server what the call costs (exact prompt
-tokens, output to reserve), has the quota service admit it, then opens one generation stream per
-prompt and reads each stream's first message before returning, so that every refusal (unknown
-endpoint, bad parameter, prompt too long, rate limit, no replica) is raised before a response
-starts. After that, :meth:`Run.events` yields the deltas; :meth:`Run.close` cancels the streams
+:func:`start` resolves the endpoint and opens one generation stream per prompt with the
+request's admission attached: the model server counts the request exactly (prompt tokens, output
+to reserve) and has the quota service admit it before its engine runs it. (A call with several
+prompts is counted first, CountTokens, and admitted here.) Each stream's first message is read
+before returning, so that every refusal (unknown endpoint, bad parameter, prompt too long, rate
+limit, no replica) is raised before a response starts. After that, :meth:`Run.events` yields the deltas; :meth:`Run.close` cancels the streams
 (which aborts the engine requests) and settles the request with what was really generated.
 
 Timeouts: every wait for a stream's next message (the first included) is bounded by the
@@ -24,7 +25,7 @@ import grpc
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
-from fmapi_common.errors import DeadlineExceeded
+from fmapi_common.errors import DeadlineExceeded, FmapiError
 from fmapi_common.identity import Identity
 
 from . import metrics
@@ -63,6 +64,22 @@ class Run:
         # Each choice's text and finish reason, kept only for an inference table.
         self._texts: dict[int, str] | None = {} if meter is not None and meter.capture else None
         self._finishes: dict[int, str] = {}
+
+    def metered(self, meter: Meter) -> None:
+        """The run was admitted by its model server: ``meter`` settles it."""
+        self.meter = meter
+        if meter.capture:
+            self._texts = {}
+
+    @property
+    def first(self) -> pb.GenerateResponse | None:
+        """The first stream's first message (None: it ended before sending one)."""
+        return self._firsts[0]
+
+    def cancel(self) -> None:
+        """Cancel every stream (their engine requests are aborted); nothing is settled."""
+        for s in self._streams:
+            s.cancel()
 
     async def read_firsts(self) -> None:
         """Every stream's first message: a refusal (bad parameter, no replica) surfaces here."""
@@ -182,12 +199,69 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
                 status: Callable[[BaseException], int] = status_of) -> Run:
     """``status`` says what an exception means for the caller (the gRPC API maps its client's
     expired deadline to 504)."""
+    quota = backends.quota
+    # One prompt (every chat, most completions): the model server it runs on counts it and
+    # admits it (the admission travels with the request), saving a CountTokens call. Several
+    # prompts are counted together and admitted here, as one request.
+    attached = quota is not None and len(call.requests) == 1
     try:
-        res, meter = await _admit(backends, caller, call, tags)
+        res = await _resolve(backends, caller, call, tags)
+        meter = None
+        if quota is not None and not attached:
+            res, meter = await _count_and_admit(backends, caller, call, tags, res)
+        elif attached:
+            call.requests[0].admission.CopyFrom(quota.admission(
+                tags=tags, endpoint=res.endpoint, model=res.model, caller=caller,
+                input_tokens=0, output_tokens=0, streaming=call.stream,
+                input_characters=_characters(call.requests[0]),
+                sampling=call.requests[0].sampling))
     except BaseException as exc:
         metrics.finished(backends.endpoint_label(call.endpoint), status(exc),
                          caller.principal_kind)
         raise
+    if not attached:
+        return await _open(backends, res, call, meter, status)
+    started = time.monotonic()
+    admission = call.requests[0].admission
+
+    def on(chosen):
+        admission.served_model = chosen.model  # a second try's split may pick another model
+        return _open(backends, chosen, call, None, status)
+
+    try:
+        res, run = await backends.on_live_replica(call.endpoint, res, on)
+    except BaseException as exc:
+        if isinstance(exc, FmapiError) and exc.param == "input":  # the quota service's word
+            exc.param = "messages" if call.chat else "prompt"
+        code = status(exc)
+        metrics.finished(res.endpoint.name, code, caller.principal_kind)
+        if code >= 500 or code == CLIENT_CLOSED:
+            # It may have been admitted (the model server admits before its engine runs it):
+            # nothing it charged stays charged. A 4xx was refused or never reached admission.
+            quota.close_unknown(admission, code)
+        raise
+    first = run.first
+    if first is None or not first.HasField("admission"):
+        # A model server older than admissions (a rolling upgrade) ignored it and started the
+        # engine: stop it, count and admit here, and start again.
+        run.cancel()
+        call.requests[0].ClearField("admission")
+        try:
+            res, meter = await _count_and_admit(backends, caller, call, tags, res)
+        except BaseException as exc:
+            metrics.finished(res.endpoint.name, status(exc), caller.principal_kind)
+            raise
+        return await _open(backends, res, call, meter, status)
+    admission.input_tokens = first.admission.input_tokens
+    admission.reserved_output_tokens = first.admission.reserved_output_tokens
+    run.metered(quota.meter(admission, first.admission.response, started, res.endpoint, tags,
+                            caller))
+    return run
+
+
+async def _open(backends: Backends, res, call: GenerationCall, meter: Meter | None,
+                status: Callable[[BaseException], int]) -> Run:
+    """One stream per prompt on the chosen replica, each read up to its first message."""
     cap = backends.request_cap(res.endpoint)
     streams = [open_generation(backends, res.replica.address, req, cap) for req in call.requests]
     run = Run(call, res.endpoint.name, streams, idle=backends.idle_timeout, cap=cap, meter=meter,
@@ -200,8 +274,8 @@ async def start(backends: Backends, caller: Identity, call: GenerationCall, tags
     return run
 
 
-async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags):
-    """Resolve, check, count and admit: everything that may refuse before anything runs."""
+async def _resolve(backends: Backends, caller: Identity, call: GenerationCall, tags: UsageTags):
+    """Resolve and check: everything the gateway refuses before any model server is called."""
     check_endpoint_name(call.endpoint, "model")
     require_query(caller, call.endpoint)
     res = await backends.resolve(call.endpoint)
@@ -212,17 +286,21 @@ async def _admit(backends: Backends, caller: Identity, call: GenerationCall, tag
             req.sampling.max_tokens = default_max
         req.max_prompt_tokens = res.endpoint.limits.max_prompt_tokens
         req.request_id = f"{tags.request_id}-{k}"
-    meter = None
-    if backends.quota is not None:
-        res, counts = await backends.on_live_replica(
-            call.endpoint, res,
-            lambda chosen: backends.count_generation_tokens(chosen.replica.address, call.requests))
-        meter = await backends.quota.admit(
-            tags=tags, endpoint=res.endpoint, model=res.model, caller=caller,
-            input_tokens=sum(c.prompt_tokens for c in counts),
-            output_tokens=sum(c.max_output_tokens for c in counts),
-            streaming=call.stream, input_param="messages" if call.chat else "prompt",
-            input_characters=sum(_characters(r) for r in call.requests),
-            sampling=call.requests[0].sampling,
-        )
+    return res
+
+
+async def _count_and_admit(backends: Backends, caller: Identity, call: GenerationCall,
+                           tags: UsageTags, res):
+    """Count every prompt on the model server (CountTokens), then admit them as one request."""
+    res, counts = await backends.on_live_replica(
+        call.endpoint, res,
+        lambda chosen: backends.count_generation_tokens(chosen.replica.address, call.requests))
+    meter = await backends.quota.admit(
+        tags=tags, endpoint=res.endpoint, model=res.model, caller=caller,
+        input_tokens=sum(c.prompt_tokens for c in counts),
+        output_tokens=sum(c.max_output_tokens for c in counts),
+        streaming=call.stream, input_param="messages" if call.chat else "prompt",
+        input_characters=sum(_characters(r) for r in call.requests),
+        sampling=call.requests[0].sampling,
+    )
     return res, meter

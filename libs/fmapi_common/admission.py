@@ -1,8 +1,10 @@
 """Admissions to the quota service, as the gateway and the model servers make them.
 
-Both admit: the gateway for generation requests (after the model server counted them), the
-embedding server for the embedding requests the gateway hands it with their admission attached
-(it tokenizes them anyway, so the count costs no extra call). Admissions that queue up while an
+The gateway builds every admission; the model server the request runs on makes it (the gateway
+hands it over attached to the request): the server tokenizes the request anyway, so it fills in
+the exact token counts and admits before its engine sees the request, and no separate counting
+call is needed. (The gateway admits itself only what it must count first: a completions call
+with several prompts, or a request to a model server too old to admit.) Admissions that queue up while an
 ``AdmitMany`` call is in flight go together in the next one (:class:`Coalescer`); an admission
 whose caller went away before it was sent is never sent. A quota service older than
 ``AdmitMany`` (a rolling upgrade) gets one ``Admit`` per admission.
@@ -11,6 +13,7 @@ whose caller went away before it was sent is never sent. A quota service older t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.message import Message
@@ -19,8 +22,17 @@ from google.rpc import status_pb2
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.quota.v1 import quota_pb2_grpc
 
+from .channels import make_channel
 from .coalesce import Coalescer
-from .errors import FmapiError, Unavailable, from_rpc_error, from_status, rpc_error_status
+from .errors import (
+    FailedPrecondition,
+    FmapiError,
+    Unavailable,
+    from_rpc_error,
+    from_status,
+    rpc_error_status,
+)
+from .tls import QUOTA, TlsFiles
 
 # At most this many admissions, or bytes of them, in one AdmitMany call (the quota service
 # takes 1000 and 4 MiB).
@@ -37,12 +49,25 @@ class Admitter:
     the request (429, 400, 503 ``usage_backlog``); a call that failed raises ``grpc.RpcError``
     (the admission may have happened with its answer lost: the caller closes it)."""
 
-    def __init__(self, stub: quota_pb2_grpc.QuotaServiceStub, timeout: float) -> None:
+    def __init__(self, stub: quota_pb2_grpc.QuotaServiceStub, timeout: float,
+                 channel: grpc.aio.Channel | None = None) -> None:
         self._stub = stub
         self._timeout = timeout
+        self._channel = channel
         self._coalescer: Coalescer[pb.AdmitRequest, pb.AdmitOutcome] = Coalescer(
             self._admit_many, max_count=MAX_COUNT, max_bytes=MAX_BYTES, size=_byte_size,
             withdraw=True)
+
+    @classmethod
+    def connect(cls, address: str, tls: TlsFiles | None, timeout: float) -> Admitter:
+        """An admitter with a channel of its own to the quota service at ``address`` (one
+        replica, or several comma-separated)."""
+        channel = make_channel(address, tls, QUOTA)
+        return cls(quota_pb2_grpc.QuotaServiceStub(channel), timeout, channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
 
     async def outcome(self, req: pb.AdmitRequest) -> pb.AdmitOutcome:
         return await self._coalescer.submit(req)
@@ -69,6 +94,30 @@ class Admitter:
             return pb.AdmitOutcome(admitted=await self._stub.Admit(req, timeout=self._timeout))
         except grpc.RpcError as exc:
             return pb.AdmitOutcome(refused=rpc_error_status(exc).SerializeToString())
+
+
+# Admission of a request of (input tokens, output tokens to reserve): the quota service's answer,
+# or the refusal raised.
+Admit = Callable[[int, int], Awaitable[pb.AdmitResponse]]
+
+
+def admitting(admitter: Admitter | None, req: pb.AdmitRequest, server: str) -> Admit:
+    """How a model server admits ``req``, the admission a request arrived with, once it has
+    counted the request. A server without a quota service refuses (FAILED_PRECONDITION) rather
+    than run the request unmetered."""
+    if admitter is None:
+        raise FailedPrecondition(f"this {server} server has no quota service to admit the "
+                                 f"request with (set FMAPI_{server.upper()}_QUOTA_ADDR)")
+
+    async def admit(input_tokens: int, reserved_output_tokens: int) -> pb.AdmitResponse:
+        req.input_tokens = input_tokens
+        req.reserved_output_tokens = reserved_output_tokens
+        try:
+            return await admitter.admit(req)
+        except grpc.RpcError as exc:
+            raise unreachable(exc) from None
+
+    return admit
 
 
 def refusal(out: pb.AdmitOutcome) -> FmapiError:

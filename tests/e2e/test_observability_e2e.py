@@ -40,8 +40,9 @@ def _no_text(spans, *texts: str) -> None:
 
 def _chain(spans, trace_parent: str, gateway_name) -> dict:
     """Envoy's server span continues the caller's; ext_authz is Envoy's child; the gateway's
-    server span is Envoy's child; quota and generation hang off the gateway's client spans; the
-    engine's request span is the generation call's child. Returns the spans by role."""
+    server span is Envoy's child; generation hangs off the gateway's client span, and quota off
+    the generation server's (it counts the request and admits it, before the engine runs it);
+    the engine's request span is the generation call's child. Returns the spans by role."""
     by_id = {s.span_id: s for s in spans}
     envoy = _one(spans, service="envoy", kind=SERVER)
     assert envoy.parent_id == trace_parent  # continues the caller's trace
@@ -50,12 +51,15 @@ def _chain(spans, trace_parent: str, gateway_name) -> dict:
     gateway = _one(spans, service="gateway", kind=SERVER, name=gateway_name)
     assert gateway.parent_id == envoy.span_id
     out = {"envoy": envoy, "authz": authz, "gateway": gateway}
-    for service, method in (("quota", "Admit"), ("generation", "Generate")):
+    for service, method in (("generation", "Generate"), ("quota", "Admit")):
         server = _one(spans, service=service, kind=SERVER, name=lambda n, m=method: m in n)
         client_span = by_id[server.parent_id]
-        assert client_span.service == "gateway" and client_span.kind == CLIENT
-        assert client_span.parent_id == gateway.span_id
+        caller, parent = (("gateway", gateway) if service == "generation"
+                          else ("generation", out["generation"]))
+        assert client_span.service == caller and client_span.kind == CLIENT
+        assert client_span.parent_id == parent.span_id
         out[service] = server
+    assert not [s for s in spans if "CountTokens" in s.name]  # counted where it ran
     engine = _one(spans, name="llm_request")
     assert engine.parent_id == out["generation"].span_id
     assert engine.attributes["gen_ai.usage.completion_tokens"] == 6

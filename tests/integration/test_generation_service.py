@@ -560,6 +560,17 @@ async def test_prompt_caps_refuse_before_the_engine(stub, tokenizer):
     assert await running(stub) == 0
 
 
+async def test_a_request_to_admit_is_refused_by_a_server_without_a_quota_service(stub):
+    # It would otherwise run unmetered.
+    req = chat_req("hello")
+    req.admission.request_id = "r-1"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await run(stub, req)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no quota service" in err.value.details()
+    assert await running(stub) == 0
+
+
 async def test_count_tokens_matches_what_generate_charges(stub):
     """What the gateway admits on is exactly what Generate then reports, and refusals match."""
     reqs = [

@@ -427,16 +427,17 @@ async def test_provisioned_throughput_refuses_demand_above_capacity(stubs):
 # ---------------------------------------------------------------- attacks (zero trust)
 
 
-async def test_attack_only_the_gateway_may_call_quota(quota):
-    for identity in ("generation", "routing", "envoy"):
+async def test_attack_only_the_gateway_and_model_servers_may_admit(quota):
+    for identity in ("routing", "envoy", "usage", "auth"):
         async with tls.aio_channel(quota[0][0], identity, "quota") as ch:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await quota_pb2_grpc.QuotaServiceStub(ch).Admit(_admit(_endpoint()))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_attack_the_embedding_server_may_admit_and_nothing_else(quota):
-    async with tls.aio_channel(quota[0][0], "embedding", "quota") as ch:
+@pytest.mark.parametrize("identity", ["embedding", "generation"])
+async def test_attack_a_model_server_may_admit_and_nothing_else(quota, identity):
+    async with tls.aio_channel(quota[0][0], identity, "quota") as ch:
         stub = quota_pb2_grpc.QuotaServiceStub(ch)
         rid = f"emb-{uuid.uuid4().hex}"
         out = await stub.AdmitMany(pb.AdmitManyRequest(admissions=[_admit(_endpoint(), rid=rid)]))

@@ -498,7 +498,7 @@ def _service_for(overlay: str, host: str, port: int) -> dict:
     ("gateway", "routing_addr", "routing"), ("gateway", "auth_addr", "auth"),
     ("gateway", "quota_addr", "quota"), ("gateway", "usage_addr", "usage"),
     ("embedding", "routing_addr", "routing"), ("generation", "routing_addr", "routing"),
-    ("embedding", "quota_addr", "quota"),
+    ("embedding", "quota_addr", "quota"), ("generation", "quota_addr", "quota"),
 ])
 def test_addresses_are_services_of_the_right_pods(overlay, client, field, target):
     env = resolved_env(overlay, main_container(workload(overlay, client)))
@@ -867,8 +867,8 @@ def expected_graph(overlay: str) -> set[tuple[str, str, str]]:
           ("auth", "routing", "quota", "usage", "embedding", "generation")},
         # Model servers register with routing.
         ("embedding", "routing", "grpc"), ("generation", "routing", "grpc"),
-        # The embedding server admits the requests it counts.
-        ("embedding", "quota", "grpc"),
+        # The model servers admit the requests they count.
+        ("embedding", "quota", "grpc"), ("generation", "quota", "grpc"),
         # Prometheus scrapes every fmapi process's metrics port.
         *{("monitoring", name, "metrics") for name in fmapi},
         # Name resolution, for every pod.

@@ -7,14 +7,12 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
-from fmapi.quota.v1 import quota_pb2_grpc
 from fmapi.routing.v1 import routing_pb2
 from fmapi_common.admission import Admitter
-from fmapi_common.channels import make_channel
 from fmapi_common.replica import ReplicaRegistration
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
-from fmapi_common.tls import GATEWAY, QUOTA
+from fmapi_common.tls import GATEWAY
 
 from .batcher import DynamicBatcher
 from .config import EmbeddingConfig
@@ -56,11 +54,8 @@ async def create(config: EmbeddingConfig) -> GrpcService:
         )
         hosted[name] = HostedModel(encoder, batcher)
     embedder = Embedder(hosted, config.max_inputs)
-    quota_channel = admitter = None
-    if config.quota_addr:
-        quota_channel = make_channel(config.quota_addr, config.tls(), QUOTA)
-        admitter = Admitter(quota_pb2_grpc.QuotaServiceStub(quota_channel),
-                            config.quota_timeout_seconds)
+    admitter = (Admitter.connect(config.quota_addr, config.tls(), config.quota_timeout_seconds)
+                if config.quota_addr else None)
 
     def register(server):
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
@@ -68,8 +63,8 @@ async def create(config: EmbeddingConfig) -> GrpcService:
         return [SERVICE]
 
     svc = await start_grpc_service(config, register, policy={f"/{SERVICE}/": [GATEWAY]})
-    if quota_channel is not None:
-        svc.on_stop.append(lambda: quota_channel.close())
+    if admitter is not None:
+        svc.on_stop.append(admitter.close)
     for h in hosted.values():
         svc.on_stop.append(h.batcher.close)
         svc.on_stop.append(_async(h.lanes.close))

@@ -37,8 +37,8 @@ class EmbedResult:
     admission: Any = None  # what ``admit`` returned
 
 
-# Admission of a request of this many input tokens: returns the answer, or raises the refusal.
-Admit = Callable[[int], Awaitable[Any]]
+# Admission of a request of (input tokens, output tokens): the answer, or the refusal raised.
+Admit = Callable[[int, int], Awaitable[Any]]
 
 
 class HostedModel:
@@ -74,7 +74,7 @@ class Embedder:
         batch meanwhile: see the batcher)."""
         hosted, tokens = await self._prepare(model, inputs, opts)
         used = sum(len(t.ids) for t in tokens)
-        gate = None if admit is None else asyncio.ensure_future(admit(used))
+        gate = None if admit is None else asyncio.ensure_future(admit(used, 0))
         try:
             vectors = np.asarray(await hosted.batcher.submit(tokens, used, gate), dtype=np.float32)
         finally:

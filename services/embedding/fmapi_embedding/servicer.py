@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
-
 from fmapi.embedding.v1 import embedding_pb2 as pb
 from fmapi.embedding.v1 import embedding_pb2_grpc
-from fmapi_common.admission import Admitter, unreachable
-from fmapi_common.errors import FailedPrecondition
+from fmapi_common.admission import Admitter, admitting
 
-from .service import Admit, EmbedOptions, Embedder
+from .service import EmbedOptions, Embedder
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -18,7 +15,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         self._admitter = admitter
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
-        admit = self._admit(request) if request.HasField("admission") else None
+        admit = (admitting(self._admitter, request.admission, "embedding")
+                 if request.HasField("admission") else None)
         result = await self._embedder.embed(request.model, *_domain(request), admit)
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=row) for row in result.vectors.tolist()],
@@ -26,21 +24,6 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             model=request.model,
             admission=result.admission,
         )
-
-    def _admit(self, request: pb.EmbedRequest) -> Admit:
-        admitter = self._admitter
-        if admitter is None:
-            raise FailedPrecondition("this embedding server has no quota service to admit the "
-                                     "request with (set FMAPI_EMBEDDING_QUOTA_ADDR)")
-
-        async def admit(tokens: int):
-            request.admission.input_tokens = tokens
-            try:
-                return await admitter.admit(request.admission)
-            except grpc.RpcError as exc:
-                raise unreachable(exc) from None
-
-        return admit
 
     async def CountTokens(self, request: pb.CountTokensRequest, context) -> pb.CountTokensResponse:
         tokens = await self._embedder.count_tokens(request.request.model, *_domain(request.request))

@@ -20,6 +20,12 @@ class GenerationConfig(ServiceConfig):
     served_model_name: str | None = None
     # Routing service to register with; unset = run standalone (tests, benchmarks).
     routing_addr: str | None = None
+    # Quota service (one address, or several comma-separated) that admits the requests the
+    # gateway hands over with their admission (it saves the gateway a CountTokens call); unset,
+    # such a request is refused (FAILED_PRECONDITION), never run unmetered.
+    quota_addr: str | None = None
+    # How long one admission call may take.
+    quota_timeout_seconds: float = Field(5.0, gt=0)
     # Address other services use to reach this one (defaults to host:bound port).
     advertise_host: str | None = None
     # Provisioned-throughput endpoint this replica is reserved for, if any.

@@ -147,3 +147,6 @@ class Usage:
 class Step:
     choices: list[ChoiceStep]
     usage: Usage | None = None
+    # On the first step of an admitted request: (the quota service's answer, input tokens,
+    # output tokens reserved).
+    admission: tuple[Any, int, int] | None = None

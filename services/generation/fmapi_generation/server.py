@@ -18,6 +18,7 @@ from pathlib import Path
 from fmapi.generation.v1 import generation_pb2, generation_pb2_grpc
 from fmapi.routing.v1 import routing_pb2
 from fmapi_common.errors import Unavailable
+from fmapi_common.admission import Admitter
 from fmapi_common.replica import ReplicaRegistration
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
@@ -134,7 +135,11 @@ async def create(config: GenerationConfig) -> tuple[GrpcService, asyncio.Task]:
         service = GenerationService(engine, limits, template, chat_stop(config), grammar)
         if config.warmup:
             await warmup(service)
-        switch.target = GenerationServicer(service)
+        admitter = (Admitter.connect(config.quota_addr, config.tls(), config.quota_timeout_seconds)
+                    if config.quota_addr else None)
+        if admitter is not None:
+            svc.on_stop.append(admitter.close)
+        switch.target = GenerationServicer(service, admitter)
         await svc.set_serving(True)
         log.info("serving %s on port %d", name, svc.port)
         if config.routing_addr:

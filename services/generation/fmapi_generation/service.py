@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from fmapi_common.admission import Admit
 from fmapi_common.errors import Internal, InvalidArgument
 
 from . import tools as toolcalls
@@ -91,13 +92,20 @@ class GenerationService:
         plan, prompt_ids, _, max_tokens = await self._plan(req)
         return len(prompt_ids), max_tokens * plan.sampling.n
 
-    async def generate(self, req: GenerateInput) -> AsyncIterator[Step]:
+    async def generate(self, req: GenerateInput, admit: Admit | None = None) -> AsyncIterator[Step]:
+        """The request's steps. With ``admit``, it is admitted on what :meth:`count_tokens`
+        would say once every check has passed, and before the engine sees it; the answer comes
+        with the first step."""
         plan, prompt_ids, prompt_text, max_tokens = await self._plan(req)
         sampling = replace(plan.sampling, max_tokens=max_tokens)
         if plan.messages is not None and self.chat_stop:
             sampling.stop = sampling.stop + [x for x in self.chat_stop if x not in sampling.stop]
         if sampling.json_schema is not None and self.grammar is not None:
             await self.grammar.check(sampling.json_schema, plan.schema_param or "response_format")
+        admission = None
+        if admit is not None:
+            reserved = max_tokens * plan.sampling.n
+            admission = (await admit(len(prompt_ids), reserved), len(prompt_ids), reserved)
         request_id = f"{req.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
         # Greedy decoding gives n identical choices; vLLM refuses n > 1 with temperature 0, so
         # decode once and copy (usage counts every copy, as if each were generated).
@@ -118,7 +126,7 @@ class GenerationService:
             ):
                 if not accepted:  # the engine's first item: the request is queued
                     accepted = True
-                    yield Step([])
+                    yield Step([], admission=admission)
                     if plan.echo:
                         n = sampling.n * copies
                         yield Step([ChoiceStep(index=i, text=prompt_text) for i in range(n)])

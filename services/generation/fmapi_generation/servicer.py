@@ -9,6 +9,7 @@ from opentelemetry import trace
 
 from fmapi.generation.v1 import generation_pb2 as pb
 from fmapi.generation.v1 import generation_pb2_grpc
+from fmapi_common.admission import Admitter, admitting
 
 from .domain import (
     ChoiceStep,
@@ -114,6 +115,10 @@ def choice_to_proto(c: ChoiceStep) -> pb.ChoiceDelta:
 
 def step_to_proto(step: Step) -> pb.GenerateResponse:
     resp = pb.GenerateResponse(choices=[choice_to_proto(c) for c in step.choices])
+    if step.admission is not None:
+        answer, input_tokens, reserved = step.admission
+        resp.admission.CopyFrom(pb.Admission(response=answer, input_tokens=input_tokens,
+                                             reserved_output_tokens=reserved))
     if step.usage is not None:
         resp.usage.prompt_tokens = step.usage.prompt_tokens
         resp.usage.completion_tokens = step.usage.completion_tokens
@@ -121,13 +126,16 @@ def step_to_proto(step: Step) -> pb.GenerateResponse:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, service: GenerationService) -> None:
+    def __init__(self, service: GenerationService, admitter: Admitter | None = None) -> None:
         self.service = service
+        self.admitter = admitter
 
     async def Generate(self, request, context):
         span = trace.get_current_span()  # the gRPC server span
         span.set_attribute("gen_ai.request.model", self.service.engine.model)
-        async for step in self.service.generate(request_from_proto(request)):
+        admit = (admitting(self.admitter, request.admission, "generation")
+                 if request.HasField("admission") else None)
+        async for step in self.service.generate(request_from_proto(request), admit):
             if step.usage is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", step.usage.prompt_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", step.usage.completion_tokens)

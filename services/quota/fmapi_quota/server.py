@@ -11,18 +11,18 @@ from fmapi.quota.v1 import quota_pb2_grpc
 from fmapi_common.redis_client import make_redis as make_client
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
-from fmapi_common.tls import EMBEDDING, GATEWAY
+from fmapi_common.tls import GATEWAY, MODEL_SERVERS
 
 from .config import QuotaConfig
 from .service import QuotaService
 from .servicer import SERVICE_NAME, QuotaServicer
 from .store import QuotaStore
 
-# The gateway meters every request; the embedding server may only admit (it counts the input
-# tokens of the embedding requests the gateway hands it with their admission).
+# The gateway meters every request; a model server may only admit (it counts the tokens of the
+# requests the gateway hands it with their admission attached).
 POLICY = {f"/{SERVICE_NAME}/": [GATEWAY],
-          f"/{SERVICE_NAME}/Admit": [GATEWAY, EMBEDDING],
-          f"/{SERVICE_NAME}/AdmitMany": [GATEWAY, EMBEDDING]}
+          f"/{SERVICE_NAME}/Admit": [GATEWAY, *MODEL_SERVERS],
+          f"/{SERVICE_NAME}/AdmitMany": [GATEWAY, *MODEL_SERVERS]}
 
 
 def make_redis(config: QuotaConfig) -> aioredis.Redis:
