@@ -361,3 +361,107 @@ def test_two_defaults_for_one_key_are_a_400():
 def test_a_rate_limit_without_a_key_is_the_endpoints_as_in_the_managed_product():
     assert _round_trip([{"calls": 5}]) == [{"key": "endpoint", "calls": 5,
                                              "renewal_period": "minute"}]
+
+
+# ------------------------------------------- embeddings: admitted by the embedding server
+
+
+class _EmbeddingServer:
+    """Stands in for one embedding server (the gateway's side of the call): ``admits`` says
+    whether it honours the admission the request carries, as current servers do, or ignores it,
+    as one older than admissions would; ``fail`` makes the call fail with that error."""
+
+    def __init__(self, admits: bool, fail: Exception | None = None) -> None:
+        self.admits, self.fail, self.calls = admits, fail, []
+
+    async def embed(self, address, request, cap):
+        from fmapi.embedding.v1 import embedding_pb2
+
+        self.calls.append(type(request).FromString(request.SerializeToString()))  # as sent
+        if self.fail is not None:
+            raise self.fail
+        resp = embedding_pb2.EmbedResponse(embeddings=[{"values": [0.6, 0.8]}], input_tokens=11,
+                                           model=request.model)
+        if self.admits:
+            resp.admission.CopyFrom(pb.AdmitResponse(
+                lease_remaining_ms=1500, requests=pb.RateLimit(limit=10, remaining=4, reset_ms=1)))
+        return resp
+
+
+async def _embed_through(server: _EmbeddingServer, quota: Quota, rid: str = "rid-e"):
+    from fmapi_common.router import Resolution
+    from fmapi_gateway.backends import Backends
+    from fmapi_gateway.embeddings import embed
+
+    endpoint = routing_pb2.Endpoint(name="ep", task=routing_pb2.TASK_EMBEDDINGS,
+                                    limits=limits(requests_per_minute=10))
+    backends = Backends.__new__(Backends)  # no channels: only what embed() calls
+    backends.quota, backends.idle_timeout, backends.request_timeout = quota, 5.0, 30.0
+    backends._down = {}
+
+    async def resolve(name):
+        return Resolution(endpoint, "m", routing_pb2.Replica(address="127.0.0.1:1"))
+
+    backends.resolve, backends.embed = resolve, server.embed
+    return await embed(backends, Identity(principal="alice", workspace="w", token_id="t",
+                                          scopes=("*",)), "ep", ["hello world"],
+                       UsageTags(rid))
+
+
+async def test_an_embedding_is_admitted_by_its_server_with_no_call_from_the_gateway():
+    q = Quota("127.0.0.1:1", None)
+    stub = _fake(q)
+    server = _EmbeddingServer(admits=True)
+    out = await _embed_through(server, q)
+    sent = server.calls[0].admission
+    assert sent.request_id == "rid-e" and sent.endpoint == "ep" and sent.input_tokens == 0
+    assert [r.requests_per_minute for r in sent.rules] == [10]
+    assert stub.admit_calls == []  # the server admitted it
+    assert out.headers["x-ratelimit-remaining-requests"] == "4"
+    await q.close()
+    assert [(s.request_id, s.status_code, s.input_tokens) for s in stub.settled] == [
+        ("rid-e", 200, 11)]
+
+
+async def test_an_embedding_server_that_ignores_the_admission_is_admitted_on_its_exact_count():
+    # An embedding server older than admissions (a rolling upgrade): the gateway admits the
+    # request itself, on the count the response carries, before anyone sees the result.
+    q = Quota("127.0.0.1:1", None)
+    stub = _fake(q)
+    admitted = []
+
+    async def admit(req, timeout):
+        admitted.append(req.input_tokens)
+        return pb.AdmitResponse(lease_remaining_ms=1500)
+
+    async def admit_many(req, timeout):
+        out = []
+        for r in req.admissions:
+            if r.request_id.startswith("refuse"):
+                err = ResourceExhausted("rate limit exceeded on endpoint 'ep'", retry_after=2.0)
+                out.append(pb.AdmitOutcome(refused=rich_status(err).SerializeToString()))
+            else:
+                out.append(pb.AdmitOutcome(admitted=await admit(r, timeout)))
+        return pb.AdmitManyResponse(outcomes=out)
+
+    stub.AdmitMany = admit_many
+    out = await _embed_through(_EmbeddingServer(admits=False), q)
+    assert admitted == [11] and out.input_tokens == 11
+    with pytest.raises(ResourceExhausted):  # refused: the vectors never reach the caller
+        await _embed_through(_EmbeddingServer(admits=False), q, rid="refuse-1")
+    await q.close()
+
+
+@pytest.mark.parametrize("error, closed", [
+    (Unavailable("the embedding server failed"), True),  # it may have been admitted
+    (ResourceExhausted("rate limit exceeded", retry_after=1.0), False),  # refused: nothing held
+    (InvalidArgument("input[0] is empty", param="input"), False),  # refused before admission
+])
+async def test_a_failed_embedding_is_closed_only_when_it_may_have_been_admitted(error, closed):
+    q = Quota("127.0.0.1:1", None)
+    stub = _fake(q)
+    with pytest.raises(type(error)):
+        await _embed_through(_EmbeddingServer(admits=True, fail=error), q)
+    await q.close()
+    assert [(s.request_id, s.finish_reason) for s in stub.settled] == (
+        [("rid-e", "not_run")] if closed else [])
