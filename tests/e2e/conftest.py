@@ -21,8 +21,9 @@ def http(system):
         yield c
 
 
-# The replicated system: two gateways (Envoy balancing least-request), each balancing its quota
-# calls round robin over both quota replicas, one Redis. The same small embedding model is hosted under three names so traffic
+# The replicated system: two gateways (Envoy balancing least-request), two quota replicas and
+# one Redis; the gateways (settlements) and the model servers (admissions) balance their quota
+# calls round robin over both quota replicas. The same small embedding model is hosted under three names so traffic
 # splits and fallbacks between "models" can be observed (x-fmapi-served-model says which one
 # answered).
 REPLICATED_MODELS = {"all-minilm-l6-v2": "package", "emb-a": "package", "emb-b": "package"}
