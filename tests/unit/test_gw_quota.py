@@ -430,21 +430,11 @@ async def test_an_embedding_server_that_ignores_the_admission_is_admitted_on_its
     stub = _fake(q)
     admitted = []
 
-    async def admit(req, timeout):
+    async def admit(req, timeout):  # AdmitMany's admissions (refused: ids "refuse...")
         admitted.append(req.input_tokens)
         return pb.AdmitResponse(lease_remaining_ms=1500)
 
-    async def admit_many(req, timeout):
-        out = []
-        for r in req.admissions:
-            if r.request_id.startswith("refuse"):
-                err = ResourceExhausted("rate limit exceeded on endpoint 'ep'", retry_after=2.0)
-                out.append(pb.AdmitOutcome(refused=rich_status(err).SerializeToString()))
-            else:
-                out.append(pb.AdmitOutcome(admitted=await admit(r, timeout)))
-        return pb.AdmitManyResponse(outcomes=out)
-
-    stub.AdmitMany = admit_many
+    stub.Admit = admit
     out = await _embed_through(_EmbeddingServer(admits=False), q)
     assert admitted == [11] and out.input_tokens == 11
     with pytest.raises(ResourceExhausted):  # refused: the vectors never reach the caller
@@ -465,3 +455,104 @@ async def test_a_failed_embedding_is_closed_only_when_it_may_have_been_admitted(
     await q.close()
     assert [(s.request_id, s.finish_reason) for s in stub.settled] == (
         [("rid-e", "not_run")] if closed else [])
+
+
+# ------------------------------------------- generation: admitted by the generation server
+
+
+class _Stream:
+    """One Generate stream as the gateway reads it."""
+
+    def __init__(self, messages) -> None:
+        self.messages, self.cancelled = list(messages), False
+
+    async def read(self):
+        return self.messages.pop(0) if self.messages else grpc.aio.EOF
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _generation_messages(admits: bool):
+    from fmapi.generation.v1 import generation_pb2 as gpb
+
+    accepted = gpb.GenerateResponse()
+    if admits:
+        accepted.admission.CopyFrom(gpb.Admission(
+            response=pb.AdmitResponse(lease_remaining_ms=1500,
+                                      tokens=pb.RateLimit(limit=100, remaining=60, reset_ms=1)),
+            input_tokens=9, reserved_output_tokens=5))
+    return [accepted, gpb.GenerateResponse(choices=[{"index": 0, "text": "hi", "num_tokens": 2,
+                                                     "finish_reason": 1}]),
+            gpb.GenerateResponse(usage={"prompt_tokens": 9, "completion_tokens": 2})]
+
+
+async def _generate_through(monkeypatch, servers: list[bool], quota: Quota):
+    """A one-prompt chat call through ``start``; ``servers`` says, per stream opened, whether its
+    model server honours the admission. Returns (run, streams opened, requests sent, counts)."""
+    from fmapi.generation.v1 import generation_pb2 as gpb
+    from fmapi_common.router import Resolution
+    from fmapi_gateway import generation
+    from fmapi_gateway.backends import Backends
+    from fmapi_gateway.openai_generation import GenerationCall
+
+    endpoint = routing_pb2.Endpoint(name="chat", task=routing_pb2.TASK_CHAT,
+                                    limits=limits(tokens_per_minute=100))
+    backends = Backends.__new__(Backends)
+    backends.quota, backends.idle_timeout, backends.request_timeout = quota, 5.0, 30.0
+    backends._down = {}
+    opened, sent, counted = [], [], []
+
+    async def resolve(name):
+        return Resolution(endpoint, "tiny", routing_pb2.Replica(address="127.0.0.1:1"))
+
+    async def count(address, requests):
+        counted.append(len(requests))
+        return [gpb.TokenCount(prompt_tokens=9, max_output_tokens=5)]
+
+    def open_stream(backends_, address, request, cap):
+        sent.append(type(request).FromString(request.SerializeToString()))
+        opened.append(_Stream(_generation_messages(servers[len(opened)])))
+        return opened[-1]
+
+    backends.resolve, backends.count_generation_tokens = resolve, count
+    monkeypatch.setattr(generation, "open_generation", open_stream)
+    call = GenerationCall(endpoint="chat", requests=[gpb.GenerateRequest(
+        chat=gpb.Chat(messages=[gpb.ChatMessage(role="user", content="hello")]),
+        sampling=gpb.SamplingParams(max_tokens=5))], stream=True, include_usage=False, n=1,
+        logprobs=False, chat=True, max_tokens_given=True)
+    run = await generation.start(backends, Identity(principal="alice", workspace="w",
+                                                    token_id="t", scopes=("*",)),
+                                 call, UsageTags("rid-g"))
+    return run, opened, sent, counted
+
+
+async def test_a_chat_is_admitted_by_its_generation_server_with_no_count_call(monkeypatch):
+    q = Quota("127.0.0.1:1", None)
+    stub = _fake(q)
+    run, opened, sent, counted = await _generate_through(monkeypatch, [True], q)
+    assert counted == [] and stub.admit_calls == []  # no CountTokens, no admission here
+    assert sent[0].admission.request_id == "rid-g" and sent[0].admission.streaming
+    assert run.meter.headers["x-ratelimit-remaining-tokens"] == "60"
+    assert [e.delta.text async for e in run.events()] == ["hi"]
+    run.close(200)
+    await q.close()
+    assert [(s.request_id, s.output_tokens, s.status_code) for s in stub.settled] == [
+        ("rid-g", 2, 200)]
+
+
+async def test_a_generation_server_that_ignores_the_admission_is_stopped_counted_and_restarted(
+        monkeypatch):
+    # A generation server older than admissions (a rolling upgrade) started the engine without
+    # admitting: the gateway stops that stream before reading any output, counts, admits, and
+    # starts again without the admission.
+    q = Quota("127.0.0.1:1", None)
+    stub = _fake(q)
+    run, opened, sent, counted = await _generate_through(monkeypatch, [False, False], q)
+    assert opened[0].cancelled and not opened[1].cancelled
+    assert counted == [1] and stub.admit_calls == [1]
+    assert sent[0].HasField("admission") and not sent[1].HasField("admission")
+    assert [e.delta.text async for e in run.events()] == ["hi"]
+    run.close(200)
+    await q.close()
+    assert [s.request_id for s in stub.settled] == ["rid-g"]
