@@ -186,3 +186,20 @@ async def test_a_gate_that_opens_within_the_wait_for_company_runs_inside_it(exec
     # One after the other would take at least 0.55 s; at the same time, about the wait (0.3 s).
     assert wait <= took < wait + admission * 0.6, took
     await b.close()
+
+
+async def test_a_failed_gate_never_reads_as_open_even_before_its_callbacks_run():
+    # A gate (an admission task) that failed reads done at once; the callback that fails its
+    # request runs later. Until then the request must not look free to join a batch.
+    from fmapi_embedding.batcher import _Pending
+
+    loop = asyncio.get_running_loop()
+    for fail in (lambda g: g.set_exception(PermissionError("refused")), lambda g: g.cancel()):
+        gate = loop.create_future()
+        pending = _Pending(["x"], 1, loop.create_future(), gate=gate)
+        gate.add_done_callback(lambda g: None)
+        fail(gate)
+        assert gate.done() and not pending.ready()
+    opened = loop.create_future()
+    opened.set_result("admitted")
+    assert _Pending(["x"], 1, loop.create_future(), gate=opened).ready()

@@ -40,8 +40,13 @@ class _Pending(Generic[T, R]):
     gate: asyncio.Future | None = None
 
     def ready(self) -> bool:
-        """Waiting, and free to join a batch (no gate, or its gate has opened)."""
-        return not self.future.done() and (self.gate is None or self.gate.done())
+        """Waiting, and free to join a batch: no gate, or its gate has opened. A gate that
+        failed never opens (its request is failed by the gate's done callback, which may not
+        have run yet when the gate reads done)."""
+        if self.future.done():
+            return False
+        gate = self.gate
+        return gate is None or (gate.done() and not gate.cancelled() and gate.exception() is None)
 
 
 @dataclass
