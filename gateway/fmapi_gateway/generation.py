@@ -5,8 +5,9 @@ request's admission attached: the model server counts the request exactly (promp
 to reserve) and has the quota service admit it before its engine runs it. (A call with several
 prompts is counted first, CountTokens, and admitted here.) Each stream's first message is read
 before returning, so that every refusal (unknown endpoint, bad parameter, prompt too long, rate
-limit, no replica) is raised before a response starts. After that, :meth:`Run.events` yields the deltas; :meth:`Run.close` cancels the streams
-(which aborts the engine requests) and settles the request with what was really generated.
+limit, no replica) is raised before a response starts. After that, :meth:`Run.events` yields
+the deltas; :meth:`Run.close` cancels the streams (which aborts the engine requests) and
+settles the request with what was really generated.
 
 Timeouts: every wait for a stream's next message (the first included) is bounded by the
 gateway's idle timeout, and each stream by the endpoint's overall cap (a gRPC deadline); either

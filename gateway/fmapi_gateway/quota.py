@@ -1,12 +1,14 @@
 """Metering: admission before any engine work, and settlement exactly once when a request ends.
 
 The gateway knows the endpoint (and so its limits) and the caller; the model server knows the
-exact token counts (``CountTokens``). With both, :meth:`Quota.admit` makes one call to the quota
-service, which checks and charges every applicable limit atomically or refuses (429 with
+exact token counts. The gateway builds the admission (:meth:`Quota.admission`) and the model
+server the request runs on fills in the counts and makes it (``fmapi_common.admission``); where
+the gateway must count first (``CountTokens``), :meth:`Quota.admit` makes it. Either way one call
+to the quota service checks and charges every applicable limit atomically or refuses (429 with
 ``Retry-After``, 400 when the request could never fit, 503 when metering is unreachable: nothing
-runs unmetered). The :class:`Meter` it returns carries OpenAI's rate-limit headers and settles
-the request once — with what was really generated, its status and timings — however the request
-ends: normally, with an error, or because the client went away.
+runs unmetered). The :class:`Meter` made from its answer carries OpenAI's rate-limit headers and
+settles the request once — with what was really generated, its status and timings — however the
+request ends: normally, with an error, or because the client went away.
 """
 
 from __future__ import annotations
@@ -271,8 +273,8 @@ class Quota:
         sampling=None,
     ) -> pb.AdmitRequest:
         """The admission of a request: charge ``input_tokens`` and reserve ``output_tokens`` on
-        every applicable limit. Made here (:meth:`admit`) or by the embedding server, which
-        counts the input tokens itself."""
+        every applicable limit. Made here (:meth:`admit`) or by the model server the request
+        runs on, which fills in the token counts itself."""
         metrics.admitted_span(
             trace.get_current_span(), operation=_OPERATIONS.get(endpoint.task, ""),
             endpoint=endpoint.name, model=model, principal=caller.principal,
