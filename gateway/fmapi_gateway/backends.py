@@ -128,16 +128,6 @@ class Backends:
         """Seconds one request to ``endpoint`` may take in all."""
         return endpoint.limits.request_timeout_seconds or self.request_timeout
 
-    async def count_embedding_tokens(self, address: str, request: embedding_pb2.EmbedRequest) -> int:
-        """The input tokens ``embed`` would charge (the embedding server's own tokenizer)."""
-        stub = embedding_pb2_grpc.EmbeddingServiceStub(self.pool.get(address, EMBEDDING))
-        try:
-            resp = await stub.CountTokens(
-                embedding_pb2.CountTokensRequest(request=request), timeout=self.idle_timeout)
-        except grpc.RpcError as exc:
-            raise call_error(exc, f"the embedding server did not answer within {self.idle_timeout:g} s") from None
-        return resp.input_tokens
-
     async def count_generation_tokens(self, address: str, requests) -> list:
         """Prompt tokens and output reservation of each request (the model server's tokenizer
         and chat template, and Generate's own checks)."""
