@@ -8,13 +8,13 @@ model's thread.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 
+from fmapi_common.admission import Admit
 from fmapi_common.errors import InvalidArgument, NotFound
 
 from .batcher import DynamicBatcher
@@ -35,10 +35,6 @@ class EmbedResult:
     vectors: np.ndarray  # (n, d) float32
     input_tokens: int
     admission: Any = None  # what ``admit`` returned
-
-
-# Admission of a request of (input tokens, output tokens): the answer, or the refusal raised.
-Admit = Callable[[int, int], Awaitable[Any]]
 
 
 class HostedModel:

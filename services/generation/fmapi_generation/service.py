@@ -28,6 +28,11 @@ from .validation import Limits, Plan, ToolMode, resolve_max_tokens, validate
 log = logging.getLogger(__name__)
 
 
+def _reserved(plan: Plan, max_tokens: int) -> int:
+    """The output tokens a request reserves: ``max_tokens`` for each of its choices."""
+    return max_tokens * plan.sampling.n
+
+
 class _Buffered:
     """Output of one choice held back until it ends (tool-call choices)."""
 
@@ -90,7 +95,7 @@ class GenerationService:
         """Prompt tokens and the most output tokens ``req`` may generate (all choices), with the
         refusals ``generate`` would give for them; nothing runs."""
         plan, prompt_ids, _, max_tokens = await self._plan(req)
-        return len(prompt_ids), max_tokens * plan.sampling.n
+        return len(prompt_ids), _reserved(plan, max_tokens)
 
     async def generate(self, req: GenerateInput, admit: Admit | None = None) -> AsyncIterator[Step]:
         """The request's steps. With ``admit``, it is admitted on what :meth:`count_tokens`
@@ -104,7 +109,7 @@ class GenerationService:
             await self.grammar.check(sampling.json_schema, plan.schema_param or "response_format")
         admission = None
         if admit is not None:
-            reserved = max_tokens * plan.sampling.n
+            reserved = _reserved(plan, max_tokens)
             admission = (await admit(len(prompt_ids), reserved), len(prompt_ids), reserved)
         request_id = f"{req.request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
         # Greedy decoding gives n identical choices; vLLM refuses n > 1 with temperature 0, so
