@@ -307,6 +307,26 @@ async def test_settle_many_settles_each_on_its_own_once(stubs, db):
     assert "at most 1000" in err.value.details()
 
 
+async def test_batches_survive_redis_forgetting_the_scripts_and_run_each_once(stubs, db):
+    """AdmitMany and SettleMany send their scripts by SHA alone; a Redis that lost them (a
+    restart without persistence, SCRIPT FLUSH) gets them again, and each admission and
+    settlement still runs exactly once."""
+    ep = _endpoint()
+    rules = [_rule(PRINCIPAL, rpm=1000, otpm=1000)]
+    reqs = [_admit(ep, rules, out=100) for _ in range(3)]
+    db.script_flush()
+    got = await stubs[0].AdmitMany(pb.AdmitManyRequest(admissions=reqs))
+    assert [o.WhichOneof("outcome") for o in got.outcomes] == ["admitted"] * 3
+    assert not any(o.admitted.replayed for o in got.outcomes)
+    assert [o.admitted.requests.remaining for o in got.outcomes] == [999, 998, 997]
+    db.script_flush()
+    settled = await stubs[1].SettleMany(pb.SettleManyRequest(settlements=[
+        pb.SettleRequest(request_id=r.request_id, endpoint=ep, output_tokens=7, status_code=200)
+        for r in reqs]))
+    assert [o.result for o in settled.outcomes] == [pb.SettleOutcome.RESULT_SETTLED] * 3
+    assert [int(r["output_tokens"]) for r in _records(db, ep)] == [7, 7, 7]
+
+
 async def test_a_corrected_input_count_is_charged_at_settlement(stubs, db):
     ep, rid = _endpoint(), uuid.uuid4().hex
     rules = [_rule(PRINCIPAL, itpm=1000)]

@@ -165,3 +165,31 @@ async def test_a_malformed_record_is_set_aside_and_the_rest_are_written(env):
     dead = await client.xrange(f"{PREFIX}:usage-dead")
     assert len(dead) == 2 and all(b"_error" in f for _, f in dead)
     assert await w.backlog() == 0  # nothing left to retry forever
+
+
+async def test_a_steady_trickle_is_written_in_batches_not_a_transaction_per_record(env):
+    """Records arriving one every 10 ms: with the writer's linger, a few transactions write
+    them all (each record once); without it, a transaction for every record or two."""
+    client, db = env
+    await client.sadd(f"{PREFIX}:endpoints", "e1")
+    transactions = {"n": 0}
+    insert = db.insert_usage
+
+    def counted(rows):
+        transactions["n"] += 1
+        return insert(rows)
+
+    db.insert_usage = counted
+    w = UsageWriter(client, db, consumer="w", block_ms=50, linger_ms=250)
+    task = asyncio.create_task(w.run())
+    try:
+        for i in range(60):
+            await client.xadd(f"{PREFIX}:{{e1}}:usage", record(i))
+            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while db.count_usage() < 60 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+    assert db.count_usage() == 60
+    assert transactions["n"] <= 8, transactions

@@ -203,3 +203,42 @@ async def test_a_failed_gate_never_reads_as_open_even_before_its_callbacks_run()
     opened = loop.create_future()
     opened.set_result("admitted")
     assert _Pending(["x"], 1, loop.create_future(), gate=opened).ready()
+
+
+async def test_lanes_run_batches_side_by_side_and_a_busy_machine_queues_the_rest():
+    """Two lanes: a second batch starts while the first still runs (both batch functions meet
+    at a barrier, which one lane could never pass); later requests start only when a lane is
+    free, and all complete."""
+    both_running = threading.Barrier(2, timeout=5)
+    release = threading.Event()
+    seen: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        seen.append(list(items))
+        if len(seen) <= 2:
+            both_running.wait()  # raises BrokenBarrierError unless two batches run at once
+            release.wait(5)
+        return [f"out:{x}" for x in items]
+
+    ex = ThreadPoolExecutor(max_workers=2)
+    b = DynamicBatcher(run, executor=ex, max_batch_size=1, max_batch_tokens=100, max_wait=0, lanes=2)
+    try:
+        first = [asyncio.ensure_future(b.submit([f"r{i}"], tokens=1)) for i in range(2)]
+        while len(seen) < 2:
+            await asyncio.sleep(0.01)
+        late = [asyncio.ensure_future(b.submit([f"late{i}"], tokens=1)) for i in range(3)]
+        await asyncio.sleep(0.1)
+        assert len(seen) == 2  # both lanes busy: nothing else started
+        release.set()
+        assert await asyncio.gather(*first) == [["out:r0"], ["out:r1"]]
+        assert await asyncio.gather(*late) == [["out:late0"], ["out:late1"], ["out:late2"]]
+        assert len(seen) == 5
+    finally:
+        release.set()
+        await b.close()
+        ex.shutdown(wait=False)
+
+
+def test_lanes_are_validated():
+    with pytest.raises(ValueError):
+        DynamicBatcher(lambda items: items, executor=None, lanes=0)

@@ -73,15 +73,20 @@ class DynamicBatcher(Generic[T, R]):
         max_batch_size: int = 32,
         max_batch_tokens: int = 8192,
         max_wait: float = 0.005,
+        lanes: int = 1,
         name: str = "",
     ) -> None:
-        if max_batch_size < 1 or max_batch_tokens < 1 or max_wait < 0:
+        if max_batch_size < 1 or max_batch_tokens < 1 or max_wait < 0 or lanes < 1:
             raise ValueError("batch bounds must be positive")
         self._run = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait
+        # Batches that may run at once (the executor needs as many threads): the next batch is
+        # cut when a lane is free, from what waits then.
+        self._lanes = asyncio.Semaphore(lanes)
+        self._running: set[asyncio.Task] = set()
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -203,10 +208,26 @@ class DynamicBatcher(Generic[T, R]):
                     p.future.set_result(list(res))
 
     async def _loop(self) -> None:
-        while True:
-            batch = await self._gather()
-            if not batch:
-                continue
+        try:
+            while True:
+                await self._lanes.acquire()
+                try:
+                    batch = await self._gather()
+                except BaseException:
+                    self._lanes.release()
+                    raise
+                if not batch:
+                    self._lanes.release()
+                    continue
+                task = asyncio.create_task(self._run_batch(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            for task in list(self._running):
+                task.cancel()
+
+    async def _run_batch(self, batch: list[_Pending[T, R]]) -> None:
+        try:
             flat = [item for p in batch for item in p.items]
             now = time.monotonic()
             for p in batch:
@@ -224,13 +245,15 @@ class DynamicBatcher(Generic[T, R]):
                     _fail(batch[0], exc)
                 else:
                     await self._isolate(batch)
-                continue
+                return
             start = 0
             for p in batch:
                 end = start + len(p.items)
                 if not p.future.done():
                     p.future.set_result(list(results[start:end]))
                 start = end
+        finally:
+            self._lanes.release()
 
 
 def _fail(p: _Pending, exc: BaseException) -> None:

@@ -32,4 +32,8 @@ class EmbeddingConfig(ServiceConfig):
     max_wait_ms: float = Field(5.0, ge=0)
     # Inputs per request (OpenAI allows up to 2048).
     max_inputs: int = Field(2048, ge=1)
+    # Batches of one model that may run at the same time (its lanes). Two: while one batch
+    # runs, the next is cut and runs beside it, and on CPU each lane gets its share of the
+    # cores (``torch_threads``, unset: the cores divided among the lanes).
+    batch_lanes: int = Field(2, ge=1)
     torch_threads: int | None = None

@@ -44,7 +44,7 @@ class Encoder(Protocol):
         ...
 
     def encode(self, inputs: list[Tokens]) -> np.ndarray:
-        """Raw vectors, one row per input (on the model's thread)."""
+        """Raw vectors, one row per input (on one of the model's lane threads; batches may run side by side)."""
         ...
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
@@ -33,23 +34,35 @@ def _async(close):
     return hook
 
 
+def _threads_per_lane(config: EmbeddingConfig) -> int | None:
+    """On CPU, the cores this process may use shared among the batch lanes, so that batches
+    running side by side do not fight over cores (torch's threads spin at every barrier while a
+    peer thread waits for a core, and on a busy machine that is most of a batch's time)."""
+    if config.device != "cpu":
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // config.batch_lanes)
+
+
 async def create(config: EmbeddingConfig) -> GrpcService:
     setup_telemetry("embedding")
-    if config.torch_threads:
+    threads = config.torch_threads or _threads_per_lane(config)
+    if threads:
         import torch
 
-        torch.set_num_threads(config.torch_threads)
-    # One thread per model: the model itself uses every core through torch's own threads.
+        torch.set_num_threads(threads)
+    # Per model, ``batch_lanes`` batches may run at once, each in its own executor thread with
+    # its share of the cores (torch's intra-op threads).
     hosted: dict[str, HostedModel] = {}
     for name, path in config.models.items():
         encoder = await asyncio.to_thread(SentenceTransformerEncoder, name, path, config.device)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
+        executor = ThreadPoolExecutor(max_workers=config.batch_lanes, thread_name_prefix=f"embed-{name}")
         batcher = DynamicBatcher(
             encoder.encode,
             executor=executor,
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
             max_wait=config.max_wait_ms / 1000,
+            lanes=config.batch_lanes,
             name=name,
         )
         hosted[name] = HostedModel(encoder, batcher)

@@ -33,7 +33,7 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from fmapi_common.errors import Unavailable
 
@@ -355,11 +355,32 @@ class QuotaStore:
             return []
         with _fail_closed():
             await self._note_endpoints({a.endpoint for a, _, _ in items})
+            raws = await self._pipelined(self._admit, [self._admit_call(a, bs, refuse)
+                                                       for a, bs, refuse in items])
+            return [_admit_answer(raw) for raw in raws]
+
+    async def _pipelined(self, script, calls: list[tuple[list[str], list]]) -> list:
+        """``script`` once per (keys, args), in one pipeline (not a transaction): their answers
+        in order. By its SHA alone: redis-py's own pipelining of a script asks Redis whether
+        it knows the script first, a second round trip on every call. Calls that find Redis
+        without the script (restarted, flushed) load it and run again; those never ran."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            out = await pipe.execute(raise_on_error=False)
+        missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+        if missing:
+            await self._r.script_load(script.script)
             async with self._r.pipeline(transaction=False) as pipe:
-                for a, bs, refuse in items:
-                    keys, args = self._admit_call(a, bs, refuse)
-                    await self._admit(keys=keys, args=args, client=pipe)
-                return [_admit_answer(raw) for raw in await pipe.execute()]
+                for i in missing:
+                    keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                for i, r in zip(missing, await pipe.execute(raise_on_error=False)):
+                    out[i] = r
+        for r in out:
+            if isinstance(r, Exception):
+                raise r
+        return out
 
     def _settle_call(self, s: Settlement) -> tuple[list[str], list]:
         keys, args = self._call(s.endpoint)
@@ -380,11 +401,8 @@ class QuotaStore:
         if not settlements:
             return []
         with _fail_closed():
-            async with self._r.pipeline(transaction=False) as pipe:
-                for s in settlements:
-                    keys, args = self._settle_call(s)
-                    await self._settle(keys=keys, args=args, client=pipe)
-                return list(await pipe.execute())
+            return await self._pipelined(self._settle, [self._settle_call(s)
+                                                        for s in settlements])
 
     async def renew(self, endpoint: str, request_id: str) -> float | None:
         """The new lease expiry (ms), or None when the request is not reserved."""

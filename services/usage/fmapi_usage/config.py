@@ -28,6 +28,10 @@ class UsageConfig(ServiceConfig):
     # Records written per database transaction, and the longest wait for new ones.
     batch_size: int = Field(default=500, ge=1, le=10_000)
     block_ms: int = Field(default=500, ge=1, le=60_000)
+    # After a batch smaller than batch_size, wait this long before reading again, so that a
+    # steady load is written in batches rather than a transaction per record or two (each
+    # record is already durable in Redis: this only delays its row).
+    linger_ms: int = Field(default=200, ge=0, le=10_000)
     # Records another writer read and never acknowledged (it died) are taken over after this.
     claim_idle_seconds: float = Field(default=30.0, gt=0.0)
     # Records waiting in Redis above this: the writer reports NOT_SERVING and logs an alarm.

@@ -50,7 +50,7 @@ async def create(config: UsageConfig) -> GrpcService:
     writer = UsageWriter(
         reader, db, key_prefix=config.key_prefix, group=config.consumer_group,
         consumer=config.consumer or None,
-        batch_size=config.batch_size, block_ms=config.block_ms,
+        batch_size=config.batch_size, block_ms=config.block_ms, linger_ms=config.linger_ms,
         claim_idle_seconds=config.claim_idle_seconds, backlog_alarm=config.backlog_alarm,
         entities_interval=config.entities_interval_seconds,
         on_health=lambda ok: loop.create_task(svc.set_serving(ok)))

@@ -108,7 +108,8 @@ def _decode(value) -> str:
 class UsageWriter:
     def __init__(self, redis: aioredis.Redis, db: UsageDB, *, key_prefix: str = "fmapi:quota",
                  group: str = "fmapi-usage-writer", consumer: str | None = None,
-                 batch_size: int = 500, block_ms: int = 500, claim_idle_seconds: float = 30.0,
+                 batch_size: int = 500, block_ms: int = 500, linger_ms: int = 0,
+                 claim_idle_seconds: float = 30.0,
                  backlog_alarm: int = 100_000, entities_interval: float = 5.0,
                  on_health: Callable[[bool], object] | None = None) -> None:
         self._r = redis
@@ -118,6 +119,7 @@ class UsageWriter:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self._batch = batch_size
         self._block_ms = block_ms
+        self._linger = linger_ms / 1000
         self._claim_idle_ms = int(claim_idle_seconds * 1000)
         self._backlog_alarm = backlog_alarm
         self._entities_interval = entities_interval
@@ -353,9 +355,11 @@ class UsageWriter:
         delay = 0.1
         while True:
             try:
-                await self.drain_once()
+                n = await self.drain_once()
                 delay = 0.1
                 await self._check_backlog()
+                if 0 < n < self._batch and self._linger:
+                    await asyncio.sleep(self._linger)  # let the next batch fill
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
