@@ -24,8 +24,8 @@ from pathlib import Path
 from .common import sentences, table
 
 CLIENTS = 64
-REQUESTS = 1536
-ROUNDS = 3  # interleaved rounds per side through Envoy (REQUESTS // ROUNDS requests each)
+REQUESTS = 2048
+ROUNDS = 4  # interleaved rounds per side through Envoy (REQUESTS // ROUNDS requests each)
 MODEL = "all-minilm-l6-v2"
 
 
