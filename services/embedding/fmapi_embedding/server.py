@@ -40,7 +40,9 @@ def _threads_per_lane(config: EmbeddingConfig) -> int | None:
     peer thread waits for a core, and on a busy machine that is most of a batch's time)."""
     if config.device != "cpu":
         return None
-    return max(1, len(os.sched_getaffinity(0)) // config.batch_lanes)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return max(1, cores // config.batch_lanes)
 
 
 async def create(config: EmbeddingConfig) -> GrpcService:
