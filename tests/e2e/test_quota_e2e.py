@@ -47,9 +47,9 @@ def usage_records(system, endpoint: str) -> list[dict]:
 
 def _embedded(system) -> float:
     """Inputs the embedding model has embedded, on every embedding replica."""
-    return sum(system.metric(name, "fmapi_embedding_batch_size_sum")
-               for name in ["embedding", *(f"embedding-{i}" for i in range(2, 9))]
-               if f"{name}-metrics" in system.ports)
+    return sum(system.metric(port.removesuffix("-metrics"), "fmapi_embedding_batch_size_sum")
+               for port in system.ports
+               if port.startswith("embedding") and port.endswith("-metrics"))
 
 
 def test_a_request_limit_is_exact_under_200_concurrent_callers(system):

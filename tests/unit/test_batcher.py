@@ -224,7 +224,8 @@ async def test_lanes_run_batches_side_by_side_and_a_busy_machine_queues_the_rest
     b = DynamicBatcher(run, executor=ex, max_batch_size=1, max_batch_tokens=100, max_wait=0, lanes=2)
     try:
         first = [asyncio.ensure_future(b.submit([f"r{i}"], tokens=1)) for i in range(2)]
-        while len(seen) < 2:
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         late = [asyncio.ensure_future(b.submit([f"late{i}"], tokens=1)) for i in range(3)]
         await asyncio.sleep(0.1)

@@ -364,19 +364,21 @@ class QuotaStore:
         in order. By its SHA alone: redis-py's own pipelining of a script asks Redis whether
         it knows the script first, a second round trip on every call. Calls that find Redis
         without the script (restarted, flushed) load it and run again; those never ran."""
-        async with self._r.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            out = await pipe.execute(raise_on_error=False)
-        missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
-        if missing:
-            await self._r.script_load(script.script)
+        out: list = [None] * len(calls)
+        todo = list(range(len(calls)))
+        loaded = False
+        while True:
             async with self._r.pipeline(transaction=False) as pipe:
-                for i in missing:
+                for i in todo:
                     keys, args = calls[i]
                     pipe.evalsha(script.sha, len(keys), *keys, *args)
-                for i, r in zip(missing, await pipe.execute(raise_on_error=False)):
+                for i, r in zip(todo, await pipe.execute(raise_on_error=False)):
                     out[i] = r
+            todo = [i for i in todo if isinstance(out[i], NoScriptError)]
+            if not todo or loaded:
+                break
+            await self._r.script_load(script.script)
+            loaded = True
         for r in out:
             if isinstance(r, Exception):
                 raise r
