@@ -83,7 +83,9 @@ async def serve(config: GatewayConfig) -> None:
         return [SERVICE]
 
     # The public API arrives through Envoy only.
-    grpc_svc = await start_grpc_service(config, register, policy={f"/{SERVICE}/": [ENVOY]})
+    # Health says SERVING once the REST API listens too.
+    grpc_svc = await start_grpc_service(config, register, policy={f"/{SERVICE}/": [ENVOY]},
+                                        serving=False)
 
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only for
     # sockets that say they are TCP; without it every response waits ~40 ms (Nagle + delayed ACK).
@@ -114,6 +116,7 @@ async def serve(config: GatewayConfig) -> None:
     if config.http_port_file:
         write_port_file(config.http_port_file, http_port)
     log.info("REST API on %s:%d", config.host, http_port)
+    await grpc_svc.set_serving(True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

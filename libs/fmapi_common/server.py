@@ -10,6 +10,7 @@ calls get ``grace_seconds``, then the shutdown hooks run.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -51,6 +52,8 @@ class GrpcService:
     on_stop: list[Hook] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
+        if serving:
+            freeze_heap()
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -79,6 +82,27 @@ class GrpcService:
         waiter.cancel()
         stopper.cancel()
         shutdown_telemetry()
+
+
+def freeze_heap() -> None:
+    """Take every object alive now out of the cyclic garbage collector's sight, once the process
+    is ready to serve (modules, models, clients: they live as long as the process).
+
+    A full collection walks every tracked object, and CPython runs one whenever the objects that
+    survived collections grow by a quarter: with vLLM, torch and transformers loaded that is
+    about 700k objects, 0.35-0.4 s on 2 cores, during which the process's event loop stalls
+    every stream it serves. vLLM's own server does the same after its start. Garbage made before
+    the freeze is collected first; what is made later is collected as usual. Only the first
+    call does anything (a service that goes back to serving does not pay the collection again)."""
+    global _frozen
+    if _frozen:
+        return
+    _frozen = True
+    gc.collect()
+    gc.freeze()
+
+
+_frozen = False
 
 
 async def start_grpc_service(

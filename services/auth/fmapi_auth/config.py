@@ -31,10 +31,6 @@ class AuthConfig(ServiceConfig):
     redis_max_connections: int = Field(default=64, ge=2)
     # Remove the Authorization header before Envoy forwards the request (backends never see it).
     strip_authorization: bool = True
-    # Run on uvloop (installed with uvicorn[standard]) instead of asyncio's own loop. grpc.aio
-    # works on it (the auth tests pass), but it bought only ~0.02-0.1 ms per Check on a 2-core
-    # machine, within the noise of the end-to-end benchmark, so the proven default stays.
-    uvloop: bool = False
 
     def identity_key_bytes(self) -> bytes:
         return parse_key(self.identity_key.get_secret_value())
