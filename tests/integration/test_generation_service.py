@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -55,6 +56,9 @@ def wait_serving(address: str, timeout: float, child=None) -> None:
     )
 
 
+PIDS: dict[str, int] = {}  # address -> pid of the generation service started there
+
+
 def start_generation(sup: Supervisor, tmp, model_dir, name: str, **env) -> str:
     port_file = tmp / f"{name}.port"
     child = sup.start(
@@ -71,6 +75,7 @@ def start_generation(sup: Supervisor, tmp, model_dir, name: str, **env) -> str:
     port = sup.wait_for_file(child, port_file, 120)
     address = f"127.0.0.1:{port}"
     wait_serving(address, 300, child)
+    PIDS[address] = child.proc.pid
     return address
 
 
@@ -512,6 +517,25 @@ async def test_concurrent_streams_are_independent(stub):
     alone = [(await run(stub, r)).text[0] for r in reqs]
     together = await asyncio.gather(*(run(stub, r) for r in reqs))
     assert [r.text[0] for r in together] == alone
+
+
+async def test_the_engine_processes_keep_to_their_cpus_and_leave_the_last_one_to_the_front(
+        generation, stub):
+    """By default the engine core and its worker (which busy-wait for each other) share every
+    CPU but the last; the service's own process keeps them all."""
+    from fmapi_generation.engine import engine_processes
+
+    front = PIDS[generation]
+    engine = engine_processes(front)
+    assert len(engine) >= 2  # the engine core and its worker
+    mine = os.sched_getaffinity(0)
+    expected = set(sorted(mine)[:-1]) if len(mine) > 1 else mine
+    # Every thread, including those started since (the engine keeps serving meanwhile).
+    await run(stub, pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=4)))
+    for pid in engine:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            assert os.sched_getaffinity(int(tid)) == expected, (pid, tid)
+    assert os.sched_getaffinity(front) == mine
 
 
 # ---------------------------------------------------------------- long prompts (finding 5)

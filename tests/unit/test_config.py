@@ -48,3 +48,30 @@ def test_bad_value_is_reported(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         load_config(RoutingConfig, [])
     assert "port" in str(exc.value)
+
+
+def _generation(monkeypatch, cpus: str | None):
+    from fmapi_generation.config import GenerationConfig
+
+    monkeypatch.setenv("FMAPI_GENERATION_MODEL_PATH", "m")
+    monkeypatch.setenv("FMAPI_GENERATION_INSECURE", "true")
+    if cpus is not None:
+        monkeypatch.setenv("FMAPI_GENERATION_ENGINE_CPUS", cpus)
+    return load_config(GenerationConfig, [], prog="fmapi-generation")
+
+
+def test_the_engine_gets_every_cpu_but_the_last_unless_told(monkeypatch):
+    assert _generation(monkeypatch, None).engine_cpu_set({0, 1}) == {0}
+    assert _generation(monkeypatch, None).engine_cpu_set({2, 3, 5, 7}) == {2, 3, 5}
+    assert _generation(monkeypatch, None).engine_cpu_set({4}) is None  # one CPU: left alone
+    assert _generation(monkeypatch, "all").engine_cpu_set({0, 1}) is None
+    assert _generation(monkeypatch, "1-2,6").engine_cpu_set({0, 1, 2, 3}) == {1, 2}
+    with pytest.raises(ValueError, match="none of them"):
+        _generation(monkeypatch, "6").engine_cpu_set({0, 1})
+
+
+@pytest.mark.parametrize("bad", ["x", "0-", "3-1", "-1", "1,,2"])
+def test_a_bad_engine_cpu_list_stops_the_start_with_a_clear_message(monkeypatch, bad):
+    with pytest.raises(SystemExit) as exc:
+        _generation(monkeypatch, bad)
+    assert "engine_cpus" in str(exc.value) or "ENGINE_CPUS" in str(exc.value)

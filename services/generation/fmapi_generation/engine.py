@@ -158,6 +158,54 @@ def chunked_prefill_settings(config: GenerationConfig, cpu: bool) -> tuple[int |
     return batched, threshold
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass  # exited meanwhile
+    return out
+
+
+def engine_processes(root: int | None = None) -> list[int]:
+    """vLLM's engine processes under this one (engine core, workers): they title themselves
+    ``VLLM::...`` (the grammar checker and multiprocessing's resource tracker are left out)."""
+    found, todo = [], _children(root or os.getpid())
+    while todo:
+        pid = todo.pop()
+        todo += _children(pid)
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("VLLM::"):
+                    found.append(pid)
+        except OSError:
+            pass  # exited meanwhile
+    return sorted(found)
+
+
+def confine_engine(cpus: set[int]) -> list[int]:
+    """Confine every thread of the engine's processes to ``cpus``; their pids. Threads they
+    start later inherit it from the thread that starts them."""
+    pids = engine_processes()
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:  # the thread ended meanwhile
+                pass
+    return pids
+
+
 def otlp_traces_endpoint() -> str | None:
     """Where this process exports spans (the standard OTLP variables), for the engine's own."""
     return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -243,7 +291,14 @@ class VllmEngine:
                 disable_log_stats=not config.engine_metrics,
                 otlp_traces_endpoint=otlp_traces_endpoint(),
             )
+            # Checked before the model loads: a CPU list naming none of ours stops the start.
+            cpus = (config.engine_cpu_set(os.sched_getaffinity(0))
+                    if cpu and hasattr(os, "sched_getaffinity") else None)
             llm = AsyncLLM.from_engine_args(args)
+            if cpus is not None:
+                pids = confine_engine(cpus)
+                log.info("engine processes %s confined to CPUs %s (FMAPI_GENERATION_ENGINE_CPUS)",
+                         pids, ",".join(map(str, sorted(cpus))))
             tokenizer = AutoTokenizer.from_pretrained(config.model_path)
             return llm, tokenizer, parser_cls
 
