@@ -297,8 +297,12 @@ class VllmEngine:
             llm = AsyncLLM.from_engine_args(args)
             if cpus is not None:
                 pids = confine_engine(cpus)
-                log.info("engine processes %s confined to CPUs %s (FMAPI_GENERATION_ENGINE_CPUS)",
-                         pids, ",".join(map(str, sorted(cpus))))
+                if pids:
+                    log.info("engine processes %s confined to CPUs %s (FMAPI_GENERATION_ENGINE_CPUS)",
+                             pids, ",".join(map(str, sorted(cpus))))
+                else:
+                    log.warning("found no VLLM:: engine processes to confine to CPUs %s",
+                                ",".join(map(str, sorted(cpus))))
             tokenizer = AutoTokenizer.from_pretrained(config.model_path)
             return llm, tokenizer, parser_cls
 
