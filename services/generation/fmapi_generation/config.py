@@ -60,10 +60,9 @@ class GenerationConfig(ServiceConfig):
     # list such as "0" or "0-2,5"; this process and every other keep all theirs. The engine
     # core and its worker hand each step over by busy-waiting (sched_yield) for each other:
     # on the same cores that costs little, spread over every core it takes a whole core from
-    # the request path (measured on 2 cores, tiny model, 16 streams: about 40% more tokens/s and
-    # a third of the inter-token p99). Unset: every CPU this process may use but the last one
-    # (the cores vLLM gives its OpenMP threads), when it may use at least two; "all": no
-    # confinement.
+    # the request path (measured on 2 cores, tiny model, 16 streams: about 40% more tokens/s).
+    # Unset: every CPU this process may use but the last one (the cores vLLM gives its OpenMP
+    # threads), when it may use at least two; "all": no confinement.
     engine_cpus: str | None = None
     # Skip torch.compile / CUDA graphs: much faster start, slower decoding. Default: on for
     # CPU (compiling Gemma 3 270M takes about 4 minutes on 2 cores), off on GPU.
