@@ -96,7 +96,8 @@ async def test_going_to_serving_collects_the_garbage_and_freezes_what_lives_once
         count = gc.get_freeze_count()
         await svc.set_serving(False)
         await svc.set_serving(True)
-        assert gc.get_freeze_count() == count
+        # (frozen objects may die meanwhile, so the count may drop; none is added)
+        assert gc.get_freeze_count() <= count
         assert any(o is later for o in gc.get_objects())
     finally:
         await svc.server.stop(0)
