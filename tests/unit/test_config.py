@@ -70,7 +70,7 @@ def test_the_engine_gets_every_cpu_but_the_last_unless_told(monkeypatch):
         _generation(monkeypatch, "6").engine_cpu_set({0, 1})
 
 
-@pytest.mark.parametrize("bad", ["x", "0-", "3-1", "-1", "1,,2"])
+@pytest.mark.parametrize("bad", ["x", "0-", "3-1", "-1", "1,,2", "0-99999999999"])
 def test_a_bad_engine_cpu_list_stops_the_start_with_a_clear_message(monkeypatch, bad):
     with pytest.raises(SystemExit) as exc:
         _generation(monkeypatch, bad)

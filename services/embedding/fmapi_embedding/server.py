@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from fmapi.routing.v1 import routing_pb2
 from fmapi_common.admission import Admitter
+from fmapi_common.cpus import usable_cpus
 from fmapi_common.replica import ReplicaRegistration
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
@@ -40,9 +40,7 @@ def _threads_per_lane(config: EmbeddingConfig) -> int | None:
     peer thread waits for a core, and on a busy machine that is most of a batch's time)."""
     if config.device != "cpu":
         return None
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
-    return max(1, cores // config.batch_lanes)
+    return max(1, len(usable_cpus()) // config.batch_lanes)
 
 
 async def create(config: EmbeddingConfig) -> GrpcService:

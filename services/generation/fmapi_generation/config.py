@@ -8,21 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from fmapi_common.config import ServiceConfig
-
-
-def parse_cpu_list(text: str) -> set[int]:
-    """``"0-2,5"`` as ``{0, 1, 2, 5}``; ValueError naming what is wrong."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            first, last = int(lo), int(hi if sep else lo)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a CPU list such as 0-2,5") from None
-        if first < 0 or last < first:
-            raise ValueError(f"{part.strip()!r} in {text!r} is not a CPU range")
-        cpus.update(range(first, last + 1))
-    return cpus
+from fmapi_common.cpus import parse_cpu_list
 
 
 class GenerationConfig(ServiceConfig):

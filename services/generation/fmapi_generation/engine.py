@@ -15,6 +15,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from fmapi_common.cpus import usable_cpus
 from fmapi_common.errors import InvalidArgument, Unavailable
 
 from .config import GenerationConfig
@@ -158,34 +159,28 @@ def chunked_prefill_settings(config: GenerationConfig, cpu: bool) -> tuple[int |
     return batched, threshold
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``."""
-    out = []
+def engine_processes(root: int | None = None) -> list[int]:
+    """vLLM's engine processes under this one (engine core, workers): they title themselves
+    ``VLLM::...`` (the grammar checker and multiprocessing's resource tracker are left out).
+    One pass over ``/proc`` for every process's parent and title."""
+    children: dict[int, list[tuple[int, str]]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            pass  # exited meanwhile
-    return out
-
-
-def engine_processes(root: int | None = None) -> list[int]:
-    """vLLM's engine processes under this one (engine core, workers): they title themselves
-    ``VLLM::...`` (the grammar checker and multiprocessing's resource tracker are left out)."""
-    found, todo = [], _children(root or os.getpid())
-    while todo:
-        pid = todo.pop()
-        todo += _children(pid)
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().startswith("VLLM::"):
-                    found.append(pid)
+                stat = f.read()
         except OSError:
-            pass  # exited meanwhile
+            continue  # exited meanwhile
+        # "pid (title) state ppid ...": the title may hold spaces and parentheses.
+        title, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 1:]
+        children.setdefault(int(rest.split()[1]), []).append((int(entry), title))
+    found, todo = [], [root or os.getpid()]
+    while todo:
+        for pid, title in children.get(todo.pop(), []):
+            todo.append(pid)
+            if title.startswith("VLLM::"):
+                found.append(pid)
     return sorted(found)
 
 
@@ -292,8 +287,7 @@ class VllmEngine:
                 otlp_traces_endpoint=otlp_traces_endpoint(),
             )
             # Checked before the model loads: a CPU list naming none of ours stops the start.
-            cpus = (config.engine_cpu_set(os.sched_getaffinity(0))
-                    if cpu and hasattr(os, "sched_getaffinity") else None)
+            cpus = config.engine_cpu_set(usable_cpus()) if cpu else None
             llm = AsyncLLM.from_engine_args(args)
             if cpus is not None:
                 pids = confine_engine(cpus)
