@@ -27,6 +27,11 @@ class GatewayConfig(ServiceConfig):
     # Benchmarks only: serve without admission or settlement, to measure what metering costs.
     # Never in a deployment (requests would run unmetered and unlimited).
     unmetered: bool = False
+    # How long a request's settlement waits for others to share its SettleMany call, when none
+    # is in flight (after the response has gone: no caller waits for it). Fewer calls, and none
+    # starting just as the next request comes in; usage records and refunds of unused
+    # reservations land this much later. 0: each goes at once.
+    settle_linger_ms: float = Field(10.0, ge=0, le=1000)
     # HMAC key shared with auth: only identities signed with it are accepted (hex or raw).
     identity_key: IdentityKey
     http_port: int = 0

@@ -220,7 +220,8 @@ class Meter:
 
 
 class Quota:
-    def __init__(self, address: str, tls: TlsFiles | None, timeout: float = 5.0) -> None:
+    def __init__(self, address: str, tls: TlsFiles | None, timeout: float = 5.0,
+                 settle_linger: float = 0.0) -> None:
         self._channel = make_channel(address, tls, QUOTA)
         self._stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._timeout = timeout
@@ -232,10 +233,13 @@ class Quota:
         # up while a call of their kind is in flight go together in the next one (at most
         # 256, or 2 MiB: a settlement with large inference-table payloads goes alone, under
         # the quota service's 4 MiB message limit). An admission whose caller went away
-        # before it was sent is never sent; a settlement always is.
+        # before it was sent is never sent; a settlement always is. A settlement that finds
+        # no call in flight waits ``settle_linger`` seconds for company (its caller already
+        # has its answer): see fmapi_common.coalesce.
         self._admitter = Admitter(self._stub, timeout)
         self._settlements: Coalescer[pb.SettleRequest, None] = Coalescer(
-            self._settle_many, max_count=MAX_COUNT, max_bytes=MAX_BYTES, size=_byte_size)
+            self._settle_many, max_count=MAX_COUNT, max_bytes=MAX_BYTES, size=_byte_size,
+            linger=settle_linger)
 
     async def close(self) -> None:
         if self._renewer is not None:

@@ -70,7 +70,8 @@ async def serve(config: GatewayConfig) -> None:
     tls = config.tls()
     backends = Backends(config.routing_addr, config.backend_timeout_s, tls,
                         request_timeout=config.request_timeout_s,
-                        quota=None if config.unmetered else Quota(config.quota_addr, tls))
+                        quota=None if config.unmetered else Quota(
+                            config.quota_addr, tls, settle_linger=config.settle_linger_ms / 1000))
     await backends.start()
     tokens = TokensApi(config.auth_addr, tls)
     usage = UsageApi(config.usage_addr, tls)

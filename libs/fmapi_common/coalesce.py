@@ -5,6 +5,12 @@ costs a gRPC call on both sides (and a Redis round trip) each time; a :class:`Co
 items wait only while an earlier call of the same kind is in flight, and then sends them
 together. At low load every call carries one item and nothing waits; at high load one call
 carries many. A call's client span is in the trace of the first request it carries.
+
+Items off the request path (settlements: the caller already has its answer) may also *linger*:
+an item that finds no call in flight waits ``linger`` seconds for company before its call goes.
+Fewer calls carry more items, and the call no longer starts at the moment the next request
+comes in (measured on 2 cores with sequential clients: a settlement sent as its response went
+out slowed the next request's authorization and admission, which ran beside it).
 """
 
 from __future__ import annotations
@@ -25,12 +31,18 @@ class Coalescer(Generic[T, R]):
 
     A caller that is cancelled while its item still waits takes the item back (it is never
     sent) when ``withdraw`` is set; otherwise the item is sent anyway. A call that raises
-    raises in each of its callers."""
+    raises in each of its callers. ``linger``: seconds an item that finds nothing in flight
+    waits for company (0: its call goes at once); items that queued behind a call go as soon as
+    it answers."""
 
     def __init__(self, call: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_count: int,
-                 max_bytes: int, size: Callable[[T], int], withdraw: bool = False) -> None:
+                 max_bytes: int, size: Callable[[T], int], withdraw: bool = False,
+                 linger: float = 0.0) -> None:
         if max_count < 1 or max_bytes < 1:
             raise ValueError("a coalescer's bounds must be positive")
+        if not 0 <= linger <= 10:
+            raise ValueError("a coalescer's linger must be between 0 and 10 seconds")
+        self._linger = linger
         self._call = call
         self._max_count = max_count
         self._max_bytes = max_bytes
@@ -45,7 +57,7 @@ class Coalescer(Generic[T, R]):
     async def submit(self, item: T) -> R:
         entry = (item, asyncio.get_running_loop().create_future(), contextvars.copy_context())
         self._queue.append(entry)
-        self._start_calls()
+        self._start_calls(self._linger)
         try:
             return await asyncio.shield(entry[1])
         except asyncio.CancelledError:
@@ -53,11 +65,14 @@ class Coalescer(Generic[T, R]):
                 self._queue.remove(entry)
             raise
 
-    def _start_calls(self) -> None:
+    def _start_calls(self, linger: float = 0.0) -> None:
         if self._queue and not self._running:
-            batch = self._next_batch()
             self._running = True
-            task = asyncio.get_running_loop().create_task(self._run(batch), context=batch[0][2])
+            context = self._queue[0][2]
+            # Lingering, the batch is cut when the wait ends; else now.
+            batch = None if linger else self._next_batch()
+            task = asyncio.get_running_loop().create_task(self._run(batch, linger),
+                                                          context=context)
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
@@ -72,8 +87,15 @@ class Coalescer(Generic[T, R]):
         batch, self._queue = self._queue[:n], self._queue[n:]
         return batch
 
-    async def _run(self, batch: list[tuple[T, asyncio.Future, contextvars.Context]]) -> None:
+    async def _run(self, batch: list[tuple[T, asyncio.Future, contextvars.Context]] | None,
+                   linger: float) -> None:
         try:
+            if batch is None:
+                batch = []
+                await asyncio.sleep(linger)
+                batch = self._next_batch()
+                if not batch:  # every item that waited was withdrawn meanwhile
+                    return
             results = await self._call([item for item, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a call answered {len(results)} of {len(batch)} items")

@@ -10,6 +10,7 @@ import pytest
 
 from fmapi.quota.v1 import quota_pb2 as pb
 from fmapi.routing.v1 import routing_pb2
+from fmapi_common.coalesce import Coalescer
 from fmapi_common.errors import (
     InvalidArgument,
     ResourceExhausted,
@@ -134,6 +135,53 @@ async def test_settlements_that_queue_behind_a_call_in_flight_go_in_one_call():
     assert stub.calls == [1, 256, 44]  # at most 256 per call
     assert [s.request_id for s in stub.settled] == [f"r{i}" for i in range(301)]
     await q.close()
+
+
+async def test_a_settlement_lingers_for_company_but_those_queued_behind_a_call_do_not():
+    q = Quota("127.0.0.1:1", None, settle_linger=0.3)
+    stub = _fake(q)
+    first = [asyncio.create_task(q.settle(pb.SettleRequest(request_id=f"a{i}", endpoint="ep")))
+             for i in range(2)]
+    await asyncio.sleep(0.1)
+    first.append(asyncio.create_task(q.settle(pb.SettleRequest(request_id="a2", endpoint="ep"))))
+    await asyncio.sleep(0.1)
+    assert stub.calls == []  # nothing in flight: the first waits for company
+    stub.gate.clear()  # the lingered call will hang until released
+    await asyncio.sleep(0.25)
+    assert stub.calls == [3]  # one call, 0.3 s after the first settlement
+    behind = [asyncio.create_task(q.settle(pb.SettleRequest(request_id=f"b{i}", endpoint="ep")))
+              for i in range(2)]
+    await asyncio.sleep(0.05)
+    stub.gate.set()
+    # Those that queued behind the call waited already: theirs goes when it answers.
+    await asyncio.wait_for(asyncio.gather(*first, *behind), 0.2)
+    assert stub.calls == [3, 2]
+    assert [s.request_id for s in stub.settled] == ["a0", "a1", "a2", "b0", "b1"]
+    await q.close()
+
+
+async def test_an_item_withdrawn_while_its_call_lingers_is_never_sent():
+    sent: list[list[str]] = []
+
+    async def call(items):
+        sent.append(items)
+        return items
+
+    c = Coalescer(call, max_count=8, max_bytes=1024, size=len, withdraw=True, linger=0.2)
+    gone = asyncio.create_task(c.submit("gone"))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    kept = asyncio.create_task(c.submit("kept"))
+    assert await asyncio.wait_for(kept, 1) == "kept"
+    assert sent == [["kept"]]
+    alone = Coalescer(call, max_count=8, max_bytes=1024, size=len, withdraw=True, linger=0.1)
+    lone = asyncio.create_task(alone.submit("lone"))
+    await asyncio.sleep(0.02)
+    lone.cancel()
+    await asyncio.sleep(0.2)  # the wait ended with nothing left: no call at all
+    assert sent == [["kept"]]
+    with pytest.raises(ValueError):
+        Coalescer(call, max_count=8, max_bytes=1024, size=len, linger=-1)
 
 
 async def test_a_failed_settlement_call_answers_every_caller_and_the_next_one_goes_out():
