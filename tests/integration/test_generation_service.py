@@ -177,7 +177,12 @@ async def test_model_info(stub):
 async def test_streams_deltas_and_usage_with_one_bos(stub, tokenizer):
     r = await run(stub, chat_req("hello there", pb.SamplingParams(max_tokens=12, temperature=0)))
     text_messages = [m for m in r.messages if m.choices]
-    assert len(text_messages) >= 6, "tokens must stream as separate messages"
+    # Streamed, not one message at the end. How many messages depends on timing: vLLM merges
+    # the deltas of steps its consumer has not taken yet (a busy machine gave 2 for 12 tokens),
+    # so each message says how many tokens it brings, and they add up to the usage.
+    assert len(text_messages) >= 2, "tokens must stream, not come in one message at the end"
+    assert all(c.num_tokens >= 1 for m in text_messages for c in m.choices)
+    assert sum(c.num_tokens for m in text_messages for c in m.choices) == r.usage.completion_tokens
     assert set(r.text) == {0} and r.finish[0] in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP)
     # The template writes <s> and the tokenizer adds one: the prompt must hold exactly one.
     rendered = "<|user|>\nhello there<|end|>\n<|assistant|>\n"
