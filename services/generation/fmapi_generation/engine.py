@@ -170,11 +170,12 @@ def engine_processes(root: int | None = None) -> list[int]:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
-        except OSError:
-            continue  # exited meanwhile
-        # "pid (title) state ppid ...": the title may hold spaces and parentheses.
-        title, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 1:]
-        children.setdefault(int(rest.split()[1]), []).append((int(entry), title))
+            # "pid (title) state ppid ...": the title may hold spaces and parentheses.
+            title = stat[stat.index("(") + 1:stat.rindex(")")]
+            parent = int(stat[stat.rindex(")") + 1:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile (an empty or cut read)
+        children.setdefault(parent, []).append((int(entry), title))
     found, todo = [], [root or os.getpid()]
     while todo:
         for pid, title in children.get(todo.pop(), []):
