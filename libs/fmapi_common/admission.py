@@ -6,14 +6,16 @@ the exact token counts and admits before its engine sees the request, and no sep
 call is needed. (The gateway admits itself only what it must count first: a completions call
 with several prompts, or a request to a model server too old to admit.) Admissions that queue up while an
 ``AdmitMany`` call is in flight go together in the next one (:class:`Coalescer`); an admission
-whose caller went away before it was sent is never sent. A quota service older than
-``AdmitMany`` (a rolling upgrade) gets one ``Admit`` per admission.
+whose caller went away before it was sent is never sent. An admission whose request cannot run
+yet anyway (every lane of the embedding server's model is busy) may wait a little for company
+(``linger``), until the server has a free lane with nothing ready for it (:meth:`Admitter.flush`).
+A quota service older than ``AdmitMany`` (a rolling upgrade) gets one ``Admit`` per admission.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -69,11 +71,16 @@ class Admitter:
         if self._channel is not None:
             await self._channel.close()
 
-    async def outcome(self, req: pb.AdmitRequest) -> pb.AdmitOutcome:
-        return await self._coalescer.submit(req)
+    async def outcome(self, req: pb.AdmitRequest, *, linger: float = 0.0) -> pb.AdmitOutcome:
+        """``linger``: seconds ``req`` may wait for company when no call is in flight."""
+        return await self._coalescer.submit(req, linger=linger)
 
-    async def admit(self, req: pb.AdmitRequest) -> pb.AdmitResponse:
-        out = await self.outcome(req)
+    def flush(self) -> None:
+        """Admissions waiting for company go now."""
+        self._coalescer.flush()
+
+    async def admit(self, req: pb.AdmitRequest, *, linger: float = 0.0) -> pb.AdmitResponse:
+        out = await self.outcome(req, linger=linger)
         if out.WhichOneof("outcome") != "admitted":  # refused: nothing was charged
             raise refusal(out)
         return out.admitted
@@ -96,9 +103,13 @@ class Admitter:
             return pb.AdmitOutcome(refused=rpc_error_status(exc).SerializeToString())
 
 
-# Admission of a request of (input tokens, output tokens to reserve): the quota service's answer,
-# or the refusal raised.
-Admit = Callable[[int, int], Awaitable[pb.AdmitResponse]]
+class Admit(Protocol):
+    """Admission of a request of ``input_tokens``, reserving ``reserved_output_tokens``: the
+    quota service's answer, or the refusal raised. ``linger``: seconds the admission may wait
+    for company (its request cannot run sooner anyway)."""
+
+    async def __call__(self, input_tokens: int, reserved_output_tokens: int, *,
+                       linger: float = 0.0) -> pb.AdmitResponse: ...
 
 
 def admitting(admitter: Admitter | None, req: pb.AdmitRequest, server: str) -> Admit:
@@ -109,11 +120,12 @@ def admitting(admitter: Admitter | None, req: pb.AdmitRequest, server: str) -> A
         raise FailedPrecondition(f"this {server} server has no quota service to admit the "
                                  f"request with (set FMAPI_{server.upper()}_QUOTA_ADDR)")
 
-    async def admit(input_tokens: int, reserved_output_tokens: int) -> pb.AdmitResponse:
+    async def admit(input_tokens: int, reserved_output_tokens: int, *,
+                    linger: float = 0.0) -> pb.AdmitResponse:
         req.input_tokens = input_tokens
         req.reserved_output_tokens = reserved_output_tokens
         try:
-            return await admitter.admit(req)
+            return await admitter.admit(req, linger=linger)
         except grpc.RpcError as exc:
             raise unreachable(exc) from None
 

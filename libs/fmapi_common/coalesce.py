@@ -10,7 +10,10 @@ Items off the request path (settlements: the caller already has its answer) may 
 an item that finds no call in flight waits ``linger`` seconds for company before its call goes.
 Fewer calls carry more items, and the call no longer starts at the moment the next request
 comes in (measured on 2 cores with sequential clients: a settlement sent as its response went
-out slowed the next request's authorization and admission, which ran beside it).
+out slowed the next request's authorization and admission, which ran beside it). An item may
+bring its own linger (an admission whose request cannot run yet: the model server's lanes are
+all busy), and :meth:`Coalescer.flush` ends a wait early (a lane is free and nothing is ready
+for it).
 """
 
 from __future__ import annotations
@@ -32,17 +35,15 @@ class Coalescer(Generic[T, R]):
     A caller that is cancelled while its item still waits takes the item back (it is never
     sent) when ``withdraw`` is set; otherwise the item is sent anyway. A call that raises
     raises in each of its callers. ``linger``: seconds an item that finds nothing in flight
-    waits for company (0: its call goes at once); items that queued behind a call go as soon as
-    it answers."""
+    waits for company (0: its call goes at once; :meth:`submit` may say otherwise per item);
+    items that queued behind a call go as soon as it answers."""
 
     def __init__(self, call: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_count: int,
                  max_bytes: int, size: Callable[[T], int], withdraw: bool = False,
                  linger: float = 0.0) -> None:
         if max_count < 1 or max_bytes < 1:
             raise ValueError("a coalescer's bounds must be positive")
-        if not 0 <= linger <= 10:
-            raise ValueError("a coalescer's linger must be between 0 and 10 seconds")
-        self._linger = linger
+        self._linger = _checked(linger)
         self._call = call
         self._max_count = max_count
         self._max_bytes = max_bytes
@@ -53,11 +54,19 @@ class Coalescer(Generic[T, R]):
         self._queue: list[tuple[T, asyncio.Future, contextvars.Context]] = []
         self._running = False
         self._calls: set[asyncio.Task] = set()
+        self._lingering: asyncio.Event | None = None  # set: the wait for company ends now
+        self._linger_until = 0.0  # when it ends at the latest (the loop's clock)
 
-    async def submit(self, item: T) -> R:
-        entry = (item, asyncio.get_running_loop().create_future(), contextvars.copy_context())
+    async def submit(self, item: T, *, linger: float | None = None) -> R:
+        """``item``'s answer. ``linger``: this item's wait for company when it finds nothing
+        in flight (the coalescer's when None)."""
+        linger = self._linger if linger is None else _checked(linger)
+        loop = asyncio.get_running_loop()
+        entry = (item, loop.create_future(), contextvars.copy_context())
         self._queue.append(entry)
-        self._start_calls(self._linger)
+        if self._lingering is not None and loop.time() + linger < self._linger_until:
+            self._lingering.set()  # this item may not wait as long as those before it
+        self._start_calls(linger)
         try:
             return await asyncio.shield(entry[1])
         except asyncio.CancelledError:
@@ -76,6 +85,11 @@ class Coalescer(Generic[T, R]):
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
+    def flush(self) -> None:
+        """End a wait for company now: what waits goes in one call at once."""
+        if self._lingering is not None:
+            self._lingering.set()
+
     def _next_batch(self) -> list[tuple[T, asyncio.Future, contextvars.Context]]:
         size = 0
         n = min(len(self._queue), self._max_count)
@@ -92,7 +106,14 @@ class Coalescer(Generic[T, R]):
         try:
             if batch is None:
                 batch = []
-                await asyncio.sleep(linger)
+                self._lingering = asyncio.Event()
+                self._linger_until = asyncio.get_running_loop().time() + linger
+                try:
+                    await asyncio.wait_for(self._lingering.wait(), linger)
+                except TimeoutError:
+                    pass
+                finally:
+                    self._lingering = None
                 batch = self._next_batch()
                 if not batch:  # every item that waited was withdrawn meanwhile
                     return
@@ -112,3 +133,9 @@ class Coalescer(Generic[T, R]):
                     done.cancel()
             self._running = False
             self._start_calls()
+
+
+def _checked(linger: float) -> float:
+    if not 0 <= linger <= 10:
+        raise ValueError("a coalescer's linger must be between 0 and 10 seconds")
+    return linger

@@ -243,3 +243,106 @@ async def test_lanes_run_batches_side_by_side_and_a_busy_machine_queues_the_rest
 def test_lanes_are_validated():
     with pytest.raises(ValueError):
         DynamicBatcher(lambda items: items, executor=None, lanes=0)
+
+
+async def test_busy_while_every_lane_runs_and_a_lane_that_ends_with_nothing_ready_says_so():
+    """``busy`` reads true only while both lanes run a batch. A lane that ends its batch while a
+    ready request waits takes it (no call to ``on_idle_lane``); one that ends with only gated
+    requests waiting (their admissions not back yet) calls ``on_idle_lane``."""
+    release = {"slow0": threading.Event(), "slow1": threading.Event()}
+    started: list[str] = []
+
+    def run(items: list[str]) -> list[str]:
+        started.append(items[0])
+        if items[0] in release:
+            release[items[0]].wait(5)
+        return [f"out:{x}" for x in items]
+
+    async def until(cond) -> None:
+        deadline = time.monotonic() + 10
+        while not cond() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    ex = ThreadPoolExecutor(max_workers=2)
+    b = DynamicBatcher(run, executor=ex, max_batch_size=1, max_batch_tokens=100, max_wait=0, lanes=2)
+    idle: list[list[str]] = []
+    b.on_idle_lane = lambda: idle.append(list(started))
+    try:
+        assert not b.busy
+        slow = [asyncio.ensure_future(b.submit([name], tokens=1)) for name in release]
+        await until(lambda: len(started) == 2)
+        assert b.busy  # both lanes run
+        ready = asyncio.ensure_future(b.submit(["ready"], tokens=1))
+        gate = asyncio.get_running_loop().create_future()
+        gated = asyncio.ensure_future(b.submit(["gated"], tokens=1, gate=gate))
+        await asyncio.sleep(0.05)
+        release["slow0"].set()  # "ready" waits: this lane takes it, nothing to report
+        assert await asyncio.wait_for(asyncio.gather(slow[0], ready), 5) == [
+            ["out:slow0"], ["out:ready"]]
+        await until(lambda: idle)
+        # The lane that ran "ready" ended with only the gated request waiting.
+        assert idle == [["slow0", "slow1", "ready"]]
+        assert b.busy is False  # one lane still runs slow1
+        release["slow1"].set()
+        await asyncio.wait_for(slow[1], 5)
+        await until(lambda: len(idle) == 2)
+        assert len(idle) == 2  # and so did slow1's
+        gate.set_result("admitted")
+        assert await asyncio.wait_for(gated, 5) == ["out:gated"]
+    finally:
+        for e in release.values():
+            e.set()
+        await b.close()
+        ex.shutdown(wait=False)
+
+
+async def test_an_admission_waits_for_company_only_while_every_lane_is_busy():
+    """The embedding server's admission of a request: at once while a lane is free (a lone
+    request must not wait), with the server's linger while both lanes run (it cannot start
+    sooner anyway)."""
+    from types import SimpleNamespace
+
+    from fmapi_embedding.model import Tokens
+    from fmapi_embedding.service import EmbedOptions, Embedder
+
+    release = threading.Event()
+
+    def run(items):
+        if items[0].ids == [0]:  # the batches that keep the lanes busy
+            release.wait(5)
+        return [[float(len(t.ids)), 1.0] for t in items]
+
+    ex = ThreadPoolExecutor(max_workers=2)
+    batcher = DynamicBatcher(run, executor=ex, max_batch_size=1, max_batch_tokens=100,
+                             max_wait=0, lanes=2)
+    hosted = SimpleNamespace(batcher=batcher)
+
+    class Stubbed(Embedder):
+        async def _prepare(self, model, inputs, opts):
+            return hosted, [Tokens(ids=list(range(len(x))), type_ids=[], count=len(x))
+                            for x in inputs]
+
+    embedder = Stubbed({}, max_inputs=8, admit_linger=0.02)
+    lingers: list[float] = []
+
+    async def admit(input_tokens, reserved_output_tokens, *, linger=0.0):
+        lingers.append(linger)
+        return f"admitted {input_tokens}"
+
+    try:
+        got = await embedder.embed("m", ["abc"], EmbedOptions(normalize=False), admit)
+        assert (got.admission, lingers) == ("admitted 3", [0.0])  # lanes free: at once
+        busy = [asyncio.ensure_future(batcher.submit([Tokens([0], [], 1)], 1)) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while not batcher.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(embedder.embed("m", ["ab"], EmbedOptions(), admit))
+        await asyncio.sleep(0.05)
+        assert lingers == [0.0, 0.02]  # both lanes busy: it may wait for company
+        release.set()
+        assert (await asyncio.wait_for(waiting, 5)).admission == "admitted 2"
+        await asyncio.gather(*busy)
+    finally:
+        release.set()
+        await batcher.close()
+        ex.shutdown(wait=False)

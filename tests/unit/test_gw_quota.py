@@ -184,6 +184,35 @@ async def test_an_item_withdrawn_while_its_call_lingers_is_never_sent():
         Coalescer(call, max_count=8, max_bytes=1024, size=len, linger=-1)
 
 
+async def test_an_item_brings_its_own_linger_and_a_flush_or_a_hurried_item_ends_the_wait():
+    sent: list[list[str]] = []
+
+    async def call(items):
+        sent.append(items)
+        return items
+
+    c = Coalescer(call, max_count=8, max_bytes=1024, size=len)  # by default, no wait
+    assert await asyncio.wait_for(c.submit("now"), 1) == "now"
+    waiting = [asyncio.create_task(c.submit(x, linger=5)) for x in ("a", "b")]
+    await asyncio.sleep(0.1)
+    assert sent == [["now"]]  # they wait for company
+    c.flush()
+    assert await asyncio.wait_for(asyncio.gather(*waiting), 1) == ["a", "b"]
+    assert sent == [["now"], ["a", "b"]]  # in one call, long before their 5 s
+    waiting = asyncio.create_task(c.submit("c", linger=5))
+    await asyncio.sleep(0.1)
+    # An item that may not wait so long ends the wait: it goes with the one that waited.
+    assert await asyncio.wait_for(c.submit("d", linger=0.01), 1) == "d"
+    assert await asyncio.wait_for(waiting, 1) == "c"
+    assert sent[-1] == ["c", "d"]
+    c.flush()  # nothing waits: nothing happens
+    await asyncio.sleep(0.05)
+    assert len(sent) == 3
+    with pytest.raises(ValueError):
+        await c.submit("bad", linger=11)
+    assert len(sent) == 3 and not c._queue
+
+
 async def test_a_failed_settlement_call_answers_every_caller_and_the_next_one_goes_out():
     q = Quota("127.0.0.1:1", None)
     stub = _fake(q)

@@ -9,7 +9,10 @@ runs in an executor, never on the event loop.
 A request may wait in the queue behind a ``gate`` (its admission by the quota service): it joins
 no batch before the gate has opened, and fails with the gate's error if the gate fails. The gate
 and the wait for company run at the same time, so an admission that answers within ``max_wait``
-costs a lone request nothing.
+costs a lone request nothing. While every lane runs a batch (:attr:`DynamicBatcher.busy`), a
+request that arrives cannot start before one ends, so its admission may wait for others to go
+in one call; ``on_idle_lane`` is called when a lane ends its batch and no request is ready for
+it (the admissions that wait should go now).
 """
 
 from __future__ import annotations
@@ -86,7 +89,9 @@ class DynamicBatcher(Generic[T, R]):
         # Batches that may run at once (the executor needs as many threads): the next batch is
         # cut when a lane is free, from what waits then.
         self._lanes = asyncio.Semaphore(lanes)
+        self._lane_count = lanes
         self._running: set[asyncio.Task] = set()
+        self.on_idle_lane: Callable[[], None] | None = None
         self._queue: collections.deque[_Pending[T, R]] = collections.deque()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -94,6 +99,11 @@ class DynamicBatcher(Generic[T, R]):
         self.inflight = 0
         self._batch_size = BATCH_SIZE.labels(name)
         self._queue_wait = QUEUE_WAIT.labels(name)
+
+    @property
+    def busy(self) -> bool:
+        """Every lane runs a batch: a request that arrives now waits for one to end."""
+        return len(self._running) >= self._lane_count
 
     async def submit(self, items: list[T], tokens: int, gate: asyncio.Future | None = None) -> list[R]:
         """Run ``items`` (costing ``tokens``) in some batch, once ``gate`` (when given) has
@@ -253,7 +263,10 @@ class DynamicBatcher(Generic[T, R]):
                     p.future.set_result(list(results[start:end]))
                 start = end
         finally:
+            self._running.discard(asyncio.current_task())
             self._lanes.release()
+            if self.on_idle_lane is not None and not any(p.ready() for p in self._queue):
+                self.on_idle_lane()
 
 
 def _fail(p: _Pending, exc: BaseException) -> None:

@@ -24,6 +24,10 @@ class EmbeddingConfig(ServiceConfig):
     quota_addr: str | None = None
     # How long one admission call may take.
     quota_timeout_seconds: float = Field(5.0, gt=0)
+    # How long an admission may wait for others to go in the same call when its request cannot
+    # run yet (every lane of its model is busy); it goes sooner when a lane ends its batch with
+    # nothing ready for it. 0: every admission goes at once.
+    admit_linger_ms: float = Field(20.0, ge=0, le=1000)
     # Address other services use to reach this one (defaults to host:bound port).
     advertise_host: str | None = None
     device: str = "cpu"

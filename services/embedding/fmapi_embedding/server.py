@@ -66,9 +66,12 @@ async def create(config: EmbeddingConfig) -> GrpcService:
             name=name,
         )
         hosted[name] = HostedModel(encoder, batcher)
-    embedder = Embedder(hosted, config.max_inputs)
+    embedder = Embedder(hosted, config.max_inputs, config.admit_linger_ms / 1000)
     admitter = (Admitter.connect(config.quota_addr, config.tls(), config.quota_timeout_seconds)
                 if config.quota_addr else None)
+    if admitter is not None:
+        for h in hosted.values():  # a free lane with nothing ready: the waiting admissions go
+            h.batcher.on_idle_lane = admitter.flush
 
     def register(server):
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(

@@ -45,9 +45,12 @@ class HostedModel:
 
 
 class Embedder:
-    def __init__(self, models: dict[str, HostedModel], max_inputs: int) -> None:
+    def __init__(self, models: dict[str, HostedModel], max_inputs: int,
+                 admit_linger: float = 0.0) -> None:
         self.models = models
         self.max_inputs = max_inputs
+        # Seconds an admission may wait for company while its model's lanes are all busy.
+        self.admit_linger = admit_linger
 
     def model(self, name: str) -> HostedModel:
         hosted = self.models.get(name)
@@ -67,10 +70,12 @@ class Embedder:
                     admit: Admit | None = None) -> EmbedResult:
         """The vectors of ``inputs``; with ``admit``, the request is admitted on its exact token
         count after it is checked and tokenized, and before the model sees it (it waits for its
-        batch meanwhile: see the batcher)."""
+        batch meanwhile: see the batcher). While the model's lanes are all busy, the admission
+        may wait ``admit_linger`` for others to go in the same call."""
         hosted, tokens = await self._prepare(model, inputs, opts)
         used = sum(len(t.ids) for t in tokens)
-        gate = None if admit is None else asyncio.ensure_future(admit(used, 0))
+        gate = None if admit is None else asyncio.ensure_future(
+            admit(used, 0, linger=self.admit_linger if hosted.batcher.busy else 0.0))
         try:
             vectors = np.asarray(await hosted.batcher.submit(tokens, used, gate), dtype=np.float32)
         finally:
