@@ -78,10 +78,15 @@ class Coalescer(Generic[T, R]):
         if self._queue and not self._running:
             self._running = True
             context = self._queue[0][2]
-            # Lingering, the batch is cut when the wait ends; else now.
+            loop = asyncio.get_running_loop()
+            # Lingering, the batch is cut when the wait ends; else now. The wait is set up
+            # here, not when the task starts, so that a flush or a hurried item in between
+            # is not lost.
             batch = None if linger else self._next_batch()
-            task = asyncio.get_running_loop().create_task(self._run(batch, linger),
-                                                          context=context)
+            if linger:
+                self._lingering = asyncio.Event()
+                self._linger_until = loop.time() + linger
+            task = loop.create_task(self._run(batch, linger, self._lingering), context=context)
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
@@ -102,14 +107,12 @@ class Coalescer(Generic[T, R]):
         return batch
 
     async def _run(self, batch: list[tuple[T, asyncio.Future, contextvars.Context]] | None,
-                   linger: float) -> None:
+                   linger: float, lingering: asyncio.Event | None) -> None:
         try:
             if batch is None:
                 batch = []
-                self._lingering = asyncio.Event()
-                self._linger_until = asyncio.get_running_loop().time() + linger
                 try:
-                    await asyncio.wait_for(self._lingering.wait(), linger)
+                    await asyncio.wait_for(lingering.wait(), linger)
                 except TimeoutError:
                     pass
                 finally:

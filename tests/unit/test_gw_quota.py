@@ -211,6 +211,11 @@ async def test_an_item_brings_its_own_linger_and_a_flush_or_a_hurried_item_ends_
     with pytest.raises(ValueError):
         await c.submit("bad", linger=11)
     assert len(sent) == 3 and not c._queue
+    # A flush that comes before the waiting call's task has even started is not lost.
+    early = asyncio.create_task(c.submit("e", linger=5))
+    await asyncio.sleep(0)  # "e" is queued; its call's task is created, not yet started
+    c.flush()
+    assert await asyncio.wait_for(early, 1) == "e"
 
 
 async def test_a_failed_settlement_call_answers_every_caller_and_the_next_one_goes_out():
