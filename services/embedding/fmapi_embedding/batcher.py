@@ -263,6 +263,9 @@ class DynamicBatcher(Generic[T, R]):
                     p.future.set_result(list(results[start:end]))
                 start = end
         finally:
+            # Now, not in the task's done callback (which runs later): ``busy`` must read false
+            # to the requests the hook below lets go. The callback still covers a task
+            # cancelled before it ever started.
             self._running.discard(asyncio.current_task())
             self._lanes.release()
             if self.on_idle_lane is not None and not any(p.ready() for p in self._queue):
