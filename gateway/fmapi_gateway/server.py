@@ -86,7 +86,7 @@ async def serve(config: GatewayConfig) -> None:
     # The public API arrives through Envoy only.
     # Health says SERVING once the REST API listens too.
     grpc_svc = await start_grpc_service(config, register, policy={f"/{SERVICE}/": [ENVOY]},
-                                        serving=False)
+                                        serving=False, public=True)
 
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only for
     # sockets that say they are TCP; without it every response waits ~40 ms (Nagle + delayed ACK).

@@ -112,6 +112,7 @@ async def start_grpc_service(
     policy: Policy,
     serving: bool = True,
     bare_methods: Iterable[str] = (),
+    public: bool = False,
 ) -> GrpcService:
     """Build, bind and start a server.
 
@@ -121,7 +122,9 @@ async def start_grpc_service(
     With ``serving=False`` health answers NOT_SERVING until ``set_serving(True)``.
     ``bare_methods`` (full names, ``/package.Service/Method``) skip the tracing and error-mapping
     interceptors: per-request hot paths that map their own errors and whose caller traces them
-    (Envoy's ext_authz ``Check``); every other method keeps both.
+    (Envoy's ext_authz ``Check``); every other method keeps both. Calls are traced only when
+    this process exports spans, except on a ``public`` server (the gateway's public API): there
+    every call's span is what its response's trace id names.
     """
     # Health's Watch streams with context.write (a coroutine, not a generator), which the
     # tracing interceptor cannot wrap; it needs neither tracing nor error mapping.
@@ -138,7 +141,7 @@ async def start_grpc_service(
         interceptors=[
             CountingInterceptor(),
             *authz,
-            *server_interceptors(exclude_methods=bare),
+            *server_interceptors(exclude_methods=bare, always=public),
             ErrorInterceptor(exclude_methods=bare),
         ],
         options=[

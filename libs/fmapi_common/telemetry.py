@@ -26,9 +26,7 @@ def setup_telemetry(service_name: str) -> None:
         return
     _configured = True
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    ):
+    if exporting():
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -43,12 +41,27 @@ def shutdown_telemetry() -> None:
         provider.shutdown()
 
 
-def server_interceptors(*, exclude_methods: Iterable[str] = ()) -> list:
-    """The tracing server interceptor: one span per call, continuing the caller's trace.
+def otlp_traces_endpoint() -> str | None:
+    """Where this process exports spans (the standard OTLP variables), if anywhere."""
+    return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+
+
+def exporting() -> bool:
+    """Whether this process sends its spans anywhere."""
+    return otlp_traces_endpoint() is not None
+
+
+def server_interceptors(*, exclude_methods: Iterable[str] = (), always: bool = False) -> list:
+    """The tracing server interceptor: one span per call, continuing the caller's trace; none
+    when this process exports no spans (unless ``always``): each traced call costs both sides
+    about 0.1 ms of CPU for spans nobody receives.
 
     ``exclude_methods`` (full names, ``/package.Service/Method``) get no span: hot paths whose
     caller traces them itself, such as Envoy's external authorization ``Check``.
     """
+    if not (always or exporting()):
+        return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
     excluded = frozenset(exclude_methods)
@@ -58,6 +71,10 @@ def server_interceptors(*, exclude_methods: Iterable[str] = ()) -> list:
 
 
 def client_interceptors() -> list:
+    """The tracing client interceptors (they send the trace context on); none when this process
+    exports no spans."""
+    if not exporting():
+        return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     return list(aio_client_interceptors())

@@ -101,3 +101,58 @@ async def test_going_to_serving_collects_the_garbage_and_freezes_what_lives_once
         assert any(o is later for o in gc.get_objects())
     finally:
         await svc.server.stop(0)
+
+
+# ------------------------------------------------------------------ tracing of internal calls
+
+_WHO = "/fmapi.test.Echo/TraceId"
+
+
+def _trace_id_server(s) -> list[str]:
+    """A method answering the trace id its call runs in (32 zeros: no span)."""
+    import grpc
+    from opentelemetry import trace
+
+    async def trace_id(request: bytes, context) -> bytes:
+        return format(trace.get_current_span().get_span_context().trace_id, "032x").encode()
+
+    s.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "fmapi.test.Echo", {"TraceId": grpc.unary_unary_rpc_method_handler(trace_id)})])
+    return ["fmapi.test.Echo"]
+
+
+async def _trace_id_of_a_call(*, public: bool) -> str:
+    """The trace id a call that sends a W3C ``traceparent`` runs in, on a service started as
+    every fmapi service is, and sent through fmapi's own client channel."""
+    from fmapi_common.channels import make_channel
+
+    svc = await server.start_grpc_service(ServiceConfig(insecure=True), _trace_id_server,
+                                          policy={}, public=public)
+    try:
+        async with make_channel(f"127.0.0.1:{svc.port}", None, "test") as ch:
+            call = ch.unary_unary(_WHO)
+            sent = "4bf92f3577b34da6a3ce929d0e0e4736"
+            got = (await call(b"", metadata=[("traceparent", f"00-{sent}-00f067aa0ba902b7-01")],
+                              timeout=5)).decode()
+            return "caller's" if got == sent else ("none" if set(got) == {"0"} else got)
+    finally:
+        await svc.server.stop(0)
+
+
+@pytest.fixture
+def no_exporter(monkeypatch):
+    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+
+
+async def test_internal_calls_are_traced_only_when_the_process_exports_spans(no_exporter, monkeypatch):
+    # Nobody receives the spans: no span per call (each cost both sides CPU), none made up.
+    assert await _trace_id_of_a_call(public=False) == "none"
+    # Exporting: the call's span continues the caller's trace.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    assert await _trace_id_of_a_call(public=False) == "caller's"
+
+
+async def test_the_public_grpc_api_traces_every_call_even_without_an_exporter(no_exporter):
+    # Its span's trace id is what the response's x-fmapi-trace-id tells the user.
+    assert await _trace_id_of_a_call(public=True) == "caller's"

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from fmapi_common.cpus import usable_cpus
 from fmapi_common.errors import InvalidArgument, Unavailable
+from fmapi_common.telemetry import otlp_traces_endpoint
 
 from .config import GenerationConfig
 from .domain import ChoiceStep, EngineSampling, FinishReason, TokenLogprob, TopLogprob
@@ -200,12 +201,6 @@ def confine_engine(cpus: set[int]) -> list[int]:
             except OSError:  # the thread ended meanwhile
                 pass
     return pids
-
-
-def otlp_traces_endpoint() -> str | None:
-    """Where this process exports spans (the standard OTLP variables), for the engine's own."""
-    return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
 
 
 def trace_headers() -> dict[str, str]:
