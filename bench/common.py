@@ -63,6 +63,40 @@ async def embeddings_rate(base_url: str, headers: dict, n: int, clients: int) ->
         return n / (time.perf_counter() - t0)
 
 
+async def stream_rate(base_url: str, headers: dict, model: str, n: int, clients: int,
+                      max_tokens: int) -> float:
+    """``n`` streamed chat completions of ``max_tokens`` tokens each (``ignore_eos``,
+    temperature 0) through ``base_url`` from ``clients`` concurrent clients: output tokens per
+    second, counted from each stream's usage chunk."""
+    import asyncio
+    import json
+    import time
+
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    tokens = 0
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120, limits=limits) as c:
+        pending = list(range(n))
+
+        async def worker():
+            nonlocal tokens
+            while pending:
+                pending.pop()
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {") and '"usage":{' in line:
+                            tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return tokens / (time.perf_counter() - t0)
+
+
 def spread(values: list[float]) -> float:
     """(max - min) / median: how far repeated measurements of one thing disagree."""
     if len(values) < 2:

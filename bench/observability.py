@@ -9,8 +9,10 @@ Rounds alternate (on, off, off, on, ...) after a warm-up of both:
 Prints each side's totals and the ratio on / off. Goal: >= 0.97 (under 3% of throughput).
 
 The gateway's own Prometheus counters and histograms are always on (they cannot be turned off);
-a process with no OTLP endpoint still records its spans (to nothing), so "off" is the cost of
-the export and the engine's statistics, not of the instrumentation calls.
+a process with no OTLP endpoint makes no span for its internal gRPC calls (no tracing
+interceptors) but still makes the gateway's request span (its trace id is every response's
+``x-fmapi-trace-id``), so "off" saves the export, the engine's statistics and the per-call
+tracing work.
 
 Run: ``make bench observability`` (or ``python -m bench observability``).
 """
@@ -24,8 +26,8 @@ import threading
 from concurrent import futures
 from pathlib import Path
 
-from .common import embeddings_rate, table
-from .generation import ENGINE, ROOT, _load
+from .common import embeddings_rate, stream_rate, table
+from .generation import ENGINE, OUTPUT_TOKENS, ROOT
 
 CONCURRENCY = 8
 ROUNDS = 6  # per side, alternating
@@ -89,6 +91,10 @@ async def _embed(base_url: str, headers: dict, n: int) -> float:
     return await embeddings_rate(base_url, headers, n, CONCURRENCY)
 
 
+async def _stream(base_url: str, headers: dict, n: int) -> float:
+    return await stream_rate(base_url, headers, "tiny", n, CONCURRENCY, OUTPUT_TOKENS)
+
+
 def run() -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers.tiny_llm import build_tiny_llama
@@ -103,13 +109,12 @@ def run() -> dict:
         try:
             heads = {k: {"authorization": f"Bearer {s.admin_token}"} for k, s in systems.items()}
             for k, s in systems.items():  # warm-up
-                asyncio.run(_load(f"{s.base_url}/v1/chat/completions", heads[k], "tiny", CONCURRENCY, 8))
+                asyncio.run(_stream(s.base_url, heads[k], 8))
                 asyncio.run(_embed(s.base_url, heads[k], 50))
             for i in range(ROUNDS):
                 for k in (("on", "off") if i % 2 == 0 else ("off", "on")):
                     s = systems[k]
-                    gen[k].append(asyncio.run(_load(f"{s.base_url}/v1/chat/completions", heads[k],
-                                                    "tiny", CONCURRENCY, GEN_REQUESTS))["tps"])
+                    gen[k].append(asyncio.run(_stream(s.base_url, heads[k], GEN_REQUESTS)))
                     emb[k].append(asyncio.run(_embed(s.base_url, heads[k], EMBED_REQUESTS)))
         finally:
             for s in systems.values():
