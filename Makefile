@@ -97,16 +97,22 @@ lint: install ## buf lint (STANDARD) on the protos, buf breaking on the public A
 run: install ## start the whole system in the foreground (Envoy on 127.0.0.1:8080; FMAPI_HTTP_PORT overrides)
 	$(BIN)/fmapi dev up
 
-# The whole suite, then the e2e tier once more on two replicas of every stateless service (the
-# fault tests, which start their own replicated system, run in the first pass only).
+# The whole suite, then the e2e tier once more on two replicas of every stateless service and
+# exporting no spans, as a deployment without OTEL_EXPORTER_OTLP_ENDPOINT runs (its internal
+# calls have no tracing interceptors). The fault tests, which start their own replicated system,
+# and the tests of exported traces run in the first pass only.
 TEST_REPLICAS := gateway=2,auth=2,routing=2,quota=2,embedding=2
+TRACE_TESTS := tests/e2e/test_observability_e2e.py::test_a_streaming_chat_is_one_trace_from_envoy_to_the_engine \
+  tests/e2e/test_observability_e2e.py::test_a_grpc_chat_is_one_trace_too \
+  tests/e2e/test_observability_e2e.py::test_a_request_refused_by_ext_authz_has_its_trace_marked_as_an_error \
+  tests/e2e/test_embeddings_e2e.py::test_one_trace_spans_gateway_quota_and_embedding_without_routing
 test: install lint ## install everything and run the whole test suite (e2e also on replicas)
 	$(BIN)/python -m pytest tests
 	$(MAKE) --no-print-directory test-replicas
 
 test-replicas: install ## the e2e tier on replicas only
-	FMAPI_TEST_REPLICAS=$(TEST_REPLICAS) $(BIN)/python -m pytest tests/e2e \
-	  --deselect tests/e2e/test_replica_faults_e2e.py
+	FMAPI_TEST_REPLICAS=$(TEST_REPLICAS) FMAPI_TEST_TRACES=off $(BIN)/python -m pytest tests/e2e \
+	  --deselect tests/e2e/test_replica_faults_e2e.py $(addprefix --deselect ,$(TRACE_TESTS))
 
 BENCH_NAMES := embeddings generation auth quota usage observability replicas profile
 bench: install ## run the benchmarks (prints ratios); `make bench quota` runs only that one

@@ -128,7 +128,8 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def system(tmp_path_factory, otlp, tiny_model):
     """Redis, routing, embedding, generation (tiny model), gateway and Envoy on free ports,
-    exporting spans to ``otlp``."""
+    exporting spans to ``otlp`` (FMAPI_TEST_TRACES=off: exporting nothing, as a deployment
+    without OTEL_EXPORTER_OTLP_ENDPOINT runs: no tracing interceptors on internal calls)."""
     run_dir = tmp_path_factory.mktemp("fmapi")
     endpoints = run_dir / "endpoints.yaml"
     endpoints.write_text(E2E_ENDPOINTS)
@@ -141,9 +142,11 @@ def system(tmp_path_factory, otlp, tiny_model):
             # FMAPI_TEST_REPLICAS="gateway=2,auth=2,..." runs the e2e tier on replicas.
             replicas=replicas(os.environ.get("FMAPI_TEST_REPLICAS", "")),
             env={
-                "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-                "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                "OTEL_BSP_SCHEDULE_DELAY": "100",
+                **({} if os.environ.get("FMAPI_TEST_TRACES") == "off" else {
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+                    "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                    "OTEL_BSP_SCHEDULE_DELAY": "100",
+                }),
                 # A killed usage writer's records are taken over quickly (the default is 30 s).
                 "FMAPI_USAGE_CLAIM_IDLE_SECONDS": "2",
             },
