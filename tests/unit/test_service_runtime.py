@@ -105,7 +105,7 @@ async def test_going_to_serving_collects_the_garbage_and_freezes_what_lives_once
 
 # ------------------------------------------------------------------ tracing of internal calls
 
-_WHO = "/fmapi.test.Echo/TraceId"
+_TRACE_ID_METHOD = "/fmapi.test.Echo/TraceId"
 
 
 def _trace_id_server(s) -> list[str]:
@@ -130,7 +130,7 @@ async def _trace_id_of_a_call(*, public: bool) -> str:
                                           policy={}, public=public)
     try:
         async with make_channel(f"127.0.0.1:{svc.port}", None, "test") as ch:
-            call = ch.unary_unary(_WHO)
+            call = ch.unary_unary(_TRACE_ID_METHOD)
             sent = "4bf92f3577b34da6a3ce929d0e0e4736"
             got = (await call(b"", metadata=[("traceparent", f"00-{sent}-00f067aa0ba902b7-01")],
                               timeout=5)).decode()
