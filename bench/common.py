@@ -63,20 +63,38 @@ async def embeddings_rate(base_url: str, headers: dict, n: int, clients: int) ->
         return n / (time.perf_counter() - t0)
 
 
+def chat_stream_body(model: str, max_tokens: int, content: str = "Tell me a story") -> dict:
+    """A streamed chat completion of exactly ``max_tokens`` tokens (``ignore_eos``, temperature
+    0) whose last chunk carries the usage."""
+    return {"model": model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+async def stream_tokens(client, body: dict) -> int:
+    """Stream one chat completion through ``client`` (an httpx.AsyncClient): its output tokens,
+    from its usage chunk."""
+    import json
+
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"usage":{' in line:
+                tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+    return tokens
+
+
 async def stream_rate(base_url: str, headers: dict, model: str, n: int, clients: int,
                       max_tokens: int) -> float:
-    """``n`` streamed chat completions of ``max_tokens`` tokens each (``ignore_eos``,
-    temperature 0) through ``base_url`` from ``clients`` concurrent clients: output tokens per
-    second, counted from each stream's usage chunk."""
+    """``n`` streamed chat completions (:func:`chat_stream_body`) through ``base_url`` from
+    ``clients`` concurrent clients: output tokens per second."""
     import asyncio
-    import json
     import time
 
     import httpx
 
-    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story"}],
-            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = chat_stream_body(model, max_tokens)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     tokens = 0
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120, limits=limits) as c:
@@ -86,11 +104,7 @@ async def stream_rate(base_url: str, headers: dict, model: str, n: int, clients:
             nonlocal tokens
             while pending:
                 pending.pop()
-                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {") and '"usage":{' in line:
-                            tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+                tokens += await stream_tokens(c, body)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))

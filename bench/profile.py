@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import cpu_seconds, sentences
+from .common import chat_stream_body, cpu_seconds, sentences, stream_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".fmapi" / "bench" / "profiles"
@@ -80,9 +80,7 @@ def summarize(raw: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, in
 async def _stream_load(base_url: str, token: str, until: float) -> tuple[int, int]:
     import httpx
 
-    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hello there"}],
-            "max_tokens": OUTPUT_TOKENS, "ignore_eos": True, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = chat_stream_body("tiny-chat", OUTPUT_TOKENS, "hello there")
     requests = tokens = 0
     async with httpx.AsyncClient(base_url=base_url, timeout=120,
                                  headers={"authorization": f"Bearer {token}"},
@@ -90,13 +88,7 @@ async def _stream_load(base_url: str, token: str, until: float) -> tuple[int, in
         async def client() -> None:
             nonlocal requests, tokens
             while time.monotonic() < until:
-                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {") and '"usage":{' in line:
-                            import json
-
-                            tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+                tokens += await stream_tokens(c, body)
                 requests += 1
 
         await asyncio.gather(*(client() for _ in range(CONCURRENCY)))

@@ -27,6 +27,7 @@ import httpx
 import yaml
 
 from fmapi_common import pki
+from fmapi_common.telemetry import otlp_traces_endpoint
 from fmapi_common.tls import AUTH, ENVOY, GATEWAY, TlsFiles
 
 from .supervisor import ChildFailed, Supervisor
@@ -410,8 +411,7 @@ class System:
 
     def _otlp_endpoint(self) -> str | None:
         """Where the children export spans (the standard OTLP variables), if anywhere."""
-        env = {**os.environ, **self.opts.env}
-        return env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+        return otlp_traces_endpoint({**os.environ, **self.opts.env})
 
     def _start_envoy(self) -> None:
         self.envoy_admin_socket = self.run_dir / "envoy-admin.sock"

@@ -41,10 +41,12 @@ def shutdown_telemetry() -> None:
         provider.shutdown()
 
 
-def otlp_traces_endpoint() -> str | None:
-    """Where this process exports spans (the standard OTLP variables), if anywhere."""
-    return (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+def otlp_traces_endpoint(env: Mapping[str, str] | None = None) -> str | None:
+    """Where a process with environment ``env`` (this one's when None) exports spans (the
+    standard OTLP variables), if anywhere."""
+    env = os.environ if env is None else env
+    return (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
 
 
 def exporting() -> bool:
