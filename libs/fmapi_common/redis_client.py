@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,4 +36,26 @@ def make_redis(url: str, *, name: str, timeout: float, max_connections: int,
         retry=Retry(NoBackoff(), 0 if subscriber else 1),
         client_name=f"fmapi-{name}",
     )
+    pool.connection_class = _packing_in_c(pool.connection_class)
     return aioredis.Redis.from_pool(pool)
+
+
+@functools.cache
+def _packing_in_c(connection_class: type) -> type:
+    """``connection_class`` (plain, TLS or Unix socket, as the URL chose), packing commands with
+    hiredis as redis-py's synchronous client does. Its asyncio client packs them in Python,
+    argument by argument: a quota script's 30-odd arguments cost more to pack than Redis takes
+    to run the script (``make bench quota``)."""
+    from redis.connection import HiredisRespSerializer
+    from redis.utils import HIREDIS_AVAILABLE
+
+    if not HIREDIS_AVAILABLE:
+        return connection_class
+    serializer = HiredisRespSerializer()
+
+    class Connection(connection_class):
+        def pack_command(self, *args):
+            return serializer.pack(*args)
+
+    Connection.__name__ = Connection.__qualname__ = f"Hiredis{connection_class.__name__}"
+    return Connection

@@ -15,21 +15,27 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 _configured = False
 
 
 def setup_telemetry(service_name: str) -> None:
-    """Install the tracer provider for this process (idempotent)."""
+    """Install the tracer provider for this process (idempotent). A process that exports no
+    spans records none: its spans still carry trace ids (a request's ``x-fmapi-trace-id``, a
+    caller's trace continued), but their attributes and events cost nothing."""
     global _configured
     if _configured:
         return
     _configured = True
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if exporting():
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    resource = Resource.create({"service.name": service_name})
+    if not exporting():
+        trace.set_tracer_provider(TracerProvider(resource=resource, sampler=ALWAYS_OFF))
+        return
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER, else always
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     logging.getLogger(__name__).debug("telemetry ready for %s", service_name)
 
