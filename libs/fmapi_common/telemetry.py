@@ -21,23 +21,28 @@ _configured = False
 
 
 def setup_telemetry(service_name: str) -> None:
-    """Install the tracer provider for this process (idempotent). A process that exports no
-    spans records none: its spans still carry trace ids (a request's ``x-fmapi-trace-id``, a
-    caller's trace continued), but their attributes and events cost nothing."""
+    """Install the tracer provider for this process (idempotent)."""
     global _configured
     if _configured:
         return
     _configured = True
+    trace.set_tracer_provider(tracer_provider(service_name))
+    logging.getLogger(__name__).debug("telemetry ready for %s", service_name)
+
+
+def tracer_provider(service_name: str) -> TracerProvider:
+    """The tracer provider of a process: exporting its spans over OTLP when
+    :func:`exporting`, else recording none (sampler always-off): its spans still carry trace ids
+    (a request's ``x-fmapi-trace-id``, a caller's trace continued), but their attributes and
+    events cost nothing."""
     resource = Resource.create({"service.name": service_name})
     if not exporting():
-        trace.set_tracer_provider(TracerProvider(resource=resource, sampler=ALWAYS_OFF))
-        return
+        return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER, else always
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    logging.getLogger(__name__).debug("telemetry ready for %s", service_name)
+    return provider
 
 
 def shutdown_telemetry() -> None:

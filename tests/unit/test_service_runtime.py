@@ -156,3 +156,28 @@ async def test_internal_calls_are_traced_only_when_the_process_exports_spans(no_
 async def test_the_public_grpc_api_traces_every_call_even_without_an_exporter(no_exporter):
     # Its span's trace id is what the response's x-fmapi-trace-id tells the user.
     assert await _trace_id_of_a_call(public=True) == "caller's"
+
+
+def test_a_process_that_exports_no_spans_records_none_but_keeps_trace_ids(no_exporter, monkeypatch):
+    from opentelemetry import propagate
+
+    from fmapi_common.telemetry import tracer_provider
+
+    caller = "4bf92f3577b34da6a3ce929d0e0e4736"
+    ctx = propagate.extract({"traceparent": f"00-{caller}-00f067aa0ba902b7-01"})
+    quiet = tracer_provider("test").get_tracer("t")
+    with quiet.start_as_current_span("request", context=ctx) as span:
+        # Attributes nobody will receive are not kept; the trace id is still the caller's.
+        assert not span.is_recording()
+        assert format(span.get_span_context().trace_id, "032x") == caller
+    with quiet.start_as_current_span("request") as span:  # no caller: a trace id of its own
+        assert span.get_span_context().trace_id != 0
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    exporting = tracer_provider("test")
+    try:
+        with exporting.get_tracer("t").start_as_current_span("request", context=ctx) as span:
+            assert span.is_recording()
+            assert format(span.get_span_context().trace_id, "032x") == caller
+    finally:
+        exporting.shutdown()
