@@ -156,7 +156,8 @@ def through_envoy() -> dict[str, float]:
         }
         lat: dict[str, list[float]] = {name: [] for name in systems}
         blocks: dict[str, list[float]] = {name: [] for name in systems}  # p50 of each block
-        waited: dict[str, list[float]] = {name: [0.0, 0.0] for name in systems}
+        # (seconds waited, requests) at the embedding server, over the measured blocks
+        waited: dict[str, tuple[float, float]] = {name: (0.0, 0.0) for name in systems}
         clients: dict[str, httpx.Client] = {}
         try:
             for s in systems.values():
@@ -179,8 +180,7 @@ def through_envoy() -> dict[str, float]:
                     out.extend(got)
                     blocks[name].append(pct(got, 50))
                     after = _queue_wait(systems[name])
-                    for k in range(2):
-                        waited[name][k] += after[k] - before[k]
+                    waited[name] = tuple(w + a - b for w, a, b in zip(waited[name], after, before))
 
             for name in systems:
                 block(name, 100, None)  # warm-up
@@ -197,7 +197,7 @@ def through_envoy() -> dict[str, float]:
     # Block i of one side ran right beside block i of the other: their difference is taken
     # under the same machine noise, and the median of those differences ignores a slow spell.
     paired = sorted(a - b for a, b in zip(blocks["metered"], blocks["unmetered"]))
-    wait = {name: w[0] / w[1] * 1000 if w[1] else float("nan") for name, w in waited.items()}
+    wait = {name: total / n * 1000 if n else float("nan") for name, (total, n) in waited.items()}
     spilled = wait["metered"] - wait["unmetered"]
     table(f"quota through Envoy: POST /v1/embeddings, {N} sequential requests per side "
           f"(alternating blocks of {BLOCK})", [
