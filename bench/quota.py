@@ -138,10 +138,10 @@ def _queue_wait(system) -> tuple[float, float]:
 
 
 def through_envoy() -> dict[str, float]:
-    """Also says where the added time goes: the embedding server holds a lone request up to its
-    batching window (5 ms) for company, and admits it meanwhile; an admission slower than that
-    holds the request longer (the queue wait), anything else is spent around it (the gateway's
-    metering, the settlement's CPU beside the next request)."""
+    """Also says where the added time goes: the embedding server starts a lone request as soon
+    as it is admitted (unmetered: at once), so the difference in its queue wait is the
+    admission (a gRPC call to the quota service, its Redis script and fsync); anything else is
+    spent around it (the gateway's metering, the settlement's CPU beside the next request)."""
     import httpx
 
     from fmapi_cli.system import System, SystemOptions
@@ -198,7 +198,7 @@ def through_envoy() -> dict[str, float]:
     # under the same machine noise, and the median of those differences ignores a slow spell.
     paired = sorted(a - b for a, b in zip(blocks["metered"], blocks["unmetered"]))
     wait = {name: total / n * 1000 if n else float("nan") for name, (total, n) in waited.items()}
-    spilled = wait["metered"] - wait["unmetered"]
+    admission = wait["metered"] - wait["unmetered"]
     table(f"quota through Envoy: POST /v1/embeddings, {N} sequential requests per side "
           f"(alternating blocks of {BLOCK})", [
         ("metered   p50 / p99", f"{pct(m, 50):6.2f} / {pct(m, 99):6.2f} ms"),
@@ -209,10 +209,9 @@ def through_envoy() -> dict[str, float]:
         ("added at p99", f"{pct(m, 99) - pct(u, 99):6.2f} ms"),
         ("ratio p50 metered / unmetered", f"{pct(m, 50) / pct(u, 50):6.2f}"),
         ("queue wait at the embedding server, mean",
-         f"metered {wait['metered']:.2f} ms, unmetered {wait['unmetered']:.2f} ms "
-         "(the admission runs inside the batching window)"),
-        ("  of the added p50: admission past the window", f"{spilled:6.2f} ms"),
-        ("  of the added p50: everything else", f"{median(paired) - spilled:6.2f} ms   "
+         f"metered {wait['metered']:.2f} ms, unmetered {wait['unmetered']:.2f} ms"),
+        ("  of the added p50: the admission (the queue waits for it)", f"{admission:6.2f} ms"),
+        ("  of the added p50: everything else", f"{median(paired) - admission:6.2f} ms   "
          "(gateway metering, settlement beside the next request)"),
     ])
     return {"p50_metered": pct(m, 50), "p50_unmetered": pct(u, 50),

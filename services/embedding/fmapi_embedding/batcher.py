@@ -1,15 +1,15 @@
 """Dynamic batching: concurrent requests merged into batches for one model.
 
-A batch is bounded by a number of items and a token budget and waits at most ``max_wait`` for
-company after its first request arrives. A request's items always travel together and come back
+A batch is bounded by a number of items and a token budget. While another batch runs, the next
+one waits at most ``max_wait`` for company after its first request arrives; a request that finds
+no batch running starts at once (an idle machine has nothing to save by waiting: the wait would
+only add to its latency). A request's items always travel together and come back
 in order to that request alone; a request bigger than the bounds runs as a batch of its own. If a
 batch fails, its requests are retried one by one so that one bad request fails alone. The model
 runs in an executor, never on the event loop.
 
 A request may wait in the queue behind a ``gate`` (its admission by the quota service): it joins
-no batch before the gate has opened, and fails with the gate's error if the gate fails. The gate
-and the wait for company run at the same time, so an admission that answers within ``max_wait``
-costs a lone request nothing. While every lane runs a batch (:attr:`DynamicBatcher.busy`), a
+no batch before the gate has opened, and fails with the gate's error if the gate fails. While every lane runs a batch (:attr:`DynamicBatcher.busy`), a
 request that arrives cannot start before one ends, so its admission may wait for others to go
 in one call; ``on_idle_lane`` is called when a lane ends its batch and no request is ready for
 it (the admissions that wait should go now).
@@ -158,8 +158,9 @@ class DynamicBatcher(Generic[T, R]):
         return sum(len(p.items) for p in self._queue if p.ready())
 
     async def _gather(self) -> list[_Pending[T, R]]:
-        """Wait for a first request free to run, then up to ``max_wait`` (from its arrival) for
-        company; cut one batch of requests free to run (gated ones wait for the next)."""
+        """Wait for a first request free to run, then, while another batch runs, up to
+        ``max_wait`` (from its arrival) for company; cut one batch of requests free to run
+        (gated ones wait for the next)."""
         while True:
             self._drop_cancelled()
             first = next((p for p in self._queue if p.ready()), None)
@@ -168,7 +169,7 @@ class DynamicBatcher(Generic[T, R]):
             self._wake.clear()
             await self._wake.wait()
         deadline = first.enqueued + self.max_wait
-        while self._ready_items() < self.max_batch_size:
+        while self._running and self._ready_items() < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -268,6 +269,7 @@ class DynamicBatcher(Generic[T, R]):
             # cancelled before it ever started.
             self._running.discard(asyncio.current_task())
             self._lanes.release()
+            self._wake.set()  # a batch waiting for company stops waiting once nothing runs
             if self.on_idle_lane is not None and not any(p.ready() for p in self._queue):
                 self.on_idle_lane()
 

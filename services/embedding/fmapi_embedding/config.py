@@ -33,6 +33,8 @@ class EmbeddingConfig(ServiceConfig):
     device: str = "cpu"
     max_batch_size: int = Field(32, ge=1)
     max_batch_tokens: int = Field(8192, ge=1)
+    # While a batch runs, how long the next one waits for company after its first request
+    # arrives; a request that finds no batch running starts at once.
     max_wait_ms: float = Field(5.0, ge=0)
     # Inputs per request (OpenAI allows up to 2048).
     max_inputs: int = Field(2048, ge=1)
