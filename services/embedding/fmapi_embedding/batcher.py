@@ -3,16 +3,17 @@
 A batch is bounded by a number of items and a token budget. While another batch runs, the next
 one waits at most ``max_wait`` for company after its first request arrives; a request that finds
 no batch running starts at once (an idle machine has nothing to save by waiting: the wait would
-only add to its latency). A request's items always travel together and come back
-in order to that request alone; a request bigger than the bounds runs as a batch of its own. If a
-batch fails, its requests are retried one by one so that one bad request fails alone. The model
-runs in an executor, never on the event loop.
+only add to its latency). A request's items always travel together and come back in order to
+that request alone; a request bigger than the bounds runs as a batch of its own. If a batch
+fails, its requests are retried one by one so that one bad request fails alone. The model runs
+in an executor, never on the event loop.
 
 A request may wait in the queue behind a ``gate`` (its admission by the quota service): it joins
-no batch before the gate has opened, and fails with the gate's error if the gate fails. While every lane runs a batch (:attr:`DynamicBatcher.busy`), a
-request that arrives cannot start before one ends, so its admission may wait for others to go
-in one call; ``on_idle_lane`` is called when a lane ends its batch and no request is ready for
-it (the admissions that wait should go now).
+no batch before the gate has opened, and fails with the gate's error if the gate fails. While
+every lane runs a batch (:attr:`DynamicBatcher.busy`), a request that arrives cannot start
+before one ends, so its admission may wait for others to go in one call; ``on_idle_lane`` is
+called when a lane ends its batch and no request is ready for it (the admissions that wait
+should go now).
 """
 
 from __future__ import annotations
