@@ -114,7 +114,7 @@ test-replicas: install ## the e2e tier on replicas only
 	FMAPI_TEST_REPLICAS=$(TEST_REPLICAS) FMAPI_TEST_TRACES=off $(BIN)/python -m pytest tests/e2e \
 	  --deselect tests/e2e/test_replica_faults_e2e.py $(addprefix --deselect ,$(TRACE_TESTS))
 
-BENCH_NAMES := embeddings generation auth quota usage observability replicas profile
+BENCH_NAMES := embeddings generation auth quota usage observability replicas profile ttft
 bench: install ## run the benchmarks (prints ratios); `make bench quota` runs only that one
 	$(BIN)/python -m bench $(filter $(BENCH_NAMES),$(MAKECMDGOALS))
 ifneq ($(filter bench,$(MAKECMDGOALS)),)

@@ -7,8 +7,9 @@ import os
 import sys
 
 BENCHES = ["embeddings", "generation", "auth", "quota", "usage", "observability", "replicas"]
-# Run only when named: py-spy profiles of the path (needs py-spy, not a dependency).
-ON_REQUEST = ["profile"]
+# Run only when named: py-spy profiles of the path (needs py-spy, not a dependency), and where
+# the time to first token goes.
+ON_REQUEST = ["profile", "ttft"]
 
 
 def main(argv: list[str]) -> int:

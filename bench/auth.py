@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import itertools
 import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .common import pct, table
+from .common import pct, signed_identity, table
 
 N = 3000  # requests each way
 BLOCK = 100  # requests per block; the sides alternate block by block
@@ -115,7 +114,6 @@ async def _hop_latency(system_tls, system_plain, n: int, block: int) -> tuple[li
 
 def run() -> dict[str, float]:
     from fmapi_cli.system import System, SystemOptions
-    from fmapi_common import identity
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -134,16 +132,8 @@ def run() -> dict[str, float]:
                 system.start()
             secure, plain = systems
             noauth_port = secure.start_envoy("envoy-noauth", ext_authz=False)
-            key = identity.parse_key(secure.identity_key)
-            ident = identity.Identity(principal="admin", workspace="default", token_id="bench",
-                                      scopes=("*",), admin=True)
             path = "/v1/models"
-            rids = itertools.count()
-
-            def signed_headers() -> dict[str, str]:
-                rid = f"bench-{next(rids)}"
-                binding = identity.Binding.of("GET", path, rid)
-                return {**identity.sign_identity(ident, key, time.time(), binding), "x-request-id": rid}
+            signed_headers = signed_identity(secure, "GET", path)
 
             sides = {
                 "mtls": (_Client(f"{secure.base_url}{path}",
