@@ -121,20 +121,8 @@ endpoints:
 
 def _queue_wait(system) -> tuple[float, float]:
     """The embedding server's queue-wait histogram so far: (seconds waited in all, requests)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"http://127.0.0.1:{system.ports['embedding-metrics']}/metrics",
-                     timeout=5).text
-    total = count = 0.0
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "fmapi_embedding_queue_wait_seconds":
-            for smp in fam.samples:
-                if smp.name.endswith("_sum"):
-                    total += smp.value
-                elif smp.name.endswith("_count"):
-                    count += smp.value
-    return total, count
+    name = "fmapi_embedding_queue_wait_seconds"
+    return system.metric("embedding", f"{name}_sum"), system.metric("embedding", f"{name}_count")
 
 
 def through_envoy() -> dict[str, float]:
