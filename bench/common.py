@@ -89,8 +89,17 @@ async def stream_rate(base_url: str, headers: dict, model: str, n: int, clients:
                       max_tokens: int) -> float:
     """``n`` streamed chat completions (:func:`chat_stream_body`) through ``base_url`` from
     ``clients`` concurrent clients: output tokens per second."""
-    import asyncio
     import time
+
+    t0 = time.perf_counter()
+    tokens = await stream_total(base_url, headers, model, n, clients, max_tokens)
+    return tokens / (time.perf_counter() - t0)
+
+
+async def stream_total(base_url: str, headers: dict, model: str, n: int, clients: int,
+                       max_tokens: int) -> int:
+    """:func:`stream_rate`'s load: the output tokens of all ``n`` completions."""
+    import asyncio
 
     import httpx
 
@@ -104,11 +113,13 @@ async def stream_rate(base_url: str, headers: dict, model: str, n: int, clients:
             nonlocal tokens
             while pending:
                 pending.pop()
-                tokens += await stream_tokens(c, body)
+                # Await first: ``tokens += await ...`` reads ``tokens`` before the await, so
+                # concurrent workers would overwrite each other's counts.
+                got = await stream_tokens(c, body)
+                tokens += got
 
-        t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
-        return tokens / (time.perf_counter() - t0)
+    return tokens
 
 
 def spread(values: list[float]) -> float:

@@ -88,7 +88,8 @@ async def _stream_load(base_url: str, token: str, until: float) -> tuple[int, in
         async def client() -> None:
             nonlocal requests, tokens
             while time.monotonic() < until:
-                tokens += await stream_tokens(c, body)
+                got = await stream_tokens(c, body)  # not ``tokens += await``: see stream_total
+                tokens += got
                 requests += 1
 
         await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
