@@ -168,6 +168,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
 
 
+class CpuMeter:
+    """CPU seconds of named processes (and of this one, as "client") added up over the spans
+    measured between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.total = {name: 0.0 for name in (*pids, "client")}
+        self._at: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {**{n: cpu_seconds(p) for n, p in self.pids.items()},
+                "client": ru.ru_utime + ru.ru_stime}
+
+    def start(self) -> None:
+        self._at = self._now()
+
+    def stop(self) -> None:
+        for n, v in self._now().items():
+            self.total[n] += v - self._at[n]
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (children, grandchildren, ...), from /proc."""
     import os

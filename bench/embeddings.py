@@ -10,6 +10,11 @@ service's own gRPC throughput that survives the public path (0.22-0.35 before th
 same system with plaintext internal calls, so the ratio between them is what mutual TLS costs at
 this load. (a) and both (b) run in the same run, interleaved round by round (A B C, C B A, ...),
 so each ratio is taken under the same machine noise.
+
+Each side's CPU milliseconds per request, per process (/proc), are printed after the ratios:
+on two cores, where the model and the path share the CPUs, the path's throughput ratio to the
+service follows the ratio of their CPU per request, so that table says which process to make
+cheaper.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import sentences, table
+from .common import CpuMeter, grid, sentences, table
 
 CLIENTS = 64
 REQUESTS = 2048
@@ -97,6 +102,22 @@ async def http_throughput(base_url: str, token: str, n: int = REQUESTS, seed: in
         return await _drive(call, sentences(n, seed=seed))
 
 
+def _cpu_table(meters: dict[str, CpuMeter], requests: int) -> None:
+    """Every side's CPU milliseconds per request, per process (warm-ups included: each round's
+    ``_drive`` sends CLIENTS requests more than it times). On two cores the path's throughput
+    can reach at most about the service's CPU per request over its own."""
+    names = [n for n in dict.fromkeys(p for m in meters.values() for p in m.total)
+             if n != "client"] + ["client"]
+    per = {side: {n: 1000 * v / requests for n, v in m.total.items()} for side, m in meters.items()}
+    total = {side: sum(v.values()) for side, v in per.items()}
+    grid(f"embeddings: CPU ms per request, per process ({requests} requests per side)",
+         ["process", *meters],
+         [[n, *(f"{per[side][n]:.3f}" if n in per[side] else "" for side in meters)]
+          for n in names] + [["total", *(f"{total[side]:.3f}" for side in meters)]],
+         [f"service total / {side} total: {total['service'] / total[side]:.2f}"
+          for side in meters if side != "service"])
+
+
 def run() -> dict[str, float]:
     from fmapi_cli.supervisor import Supervisor
     from fmapi_cli.system import ROOT, System, SystemOptions
@@ -126,14 +147,20 @@ def run() -> dict[str, float]:
             for system in systems.values():
                 system.start()
             names = list(rates)
+            # Each side's CPU per request, per process: where the path's share goes.
+            meters = {"service": CpuMeter({"embedding": child.proc.pid}),
+                      **{name: CpuMeter({c.name: c.proc.pid for c in system.sup.children})
+                         for name, system in systems.items()}}
             for r in range(ROUNDS):
                 for name in names if r % 2 == 0 else names[::-1]:
+                    meters[name].start()
                     if name == "service":
                         rate = asyncio.run(grpc_throughput(f"127.0.0.1:{port}", seed=2 + r))
                     else:
                         s_ = systems[name]
                         rate = asyncio.run(http_throughput(s_.base_url, s_.admin_token,
                                                            REQUESTS // ROUNDS, seed=3 + r))
+                    meters[name].stop()
                     rates[name].append(rate)
         finally:
             for system in systems.values():
@@ -165,6 +192,7 @@ def run() -> dict[str, float]:
             ("  rounds plaintext", " ".join(f"{x:.0f}" for x in rates["plain"])),
         ],
     )
+    _cpu_table(meters, ROUNDS * (REQUESTS // ROUNDS + CLIENTS))
     return {"raw32": raw32, "raw32_arrival": raw32_arrival, "raw1": raw1, "service": service,
             "envoy": through_envoy, "envoy_plaintext": through_plain,
             "envoy_over_service": through_envoy / service}
