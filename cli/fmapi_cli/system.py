@@ -27,7 +27,7 @@ import httpx
 import yaml
 
 from fmapi_common import pki
-from fmapi_common.telemetry import otlp_traces_endpoint
+from fmapi_common.telemetry import otlp_traces_endpoint, sampling_ratio
 from fmapi_common.tls import AUTH, ENVOY, GATEWAY, TlsFiles
 
 from .supervisor import ChildFailed, Supervisor
@@ -278,7 +278,8 @@ class System:
         hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         otlp = self._otlp_endpoint()
         if otlp is not None:
-            _trace_to(cfg, hcm["typed_config"], otlp)
+            _trace_to(cfg, hcm["typed_config"], otlp,
+                      sampling_ratio({**os.environ, **self.opts.env}))
         if not ext_authz:
             # Benchmarks only: the client signs identities as auth would, bound to a request id
             # of its own, which this Envoy must then keep.
@@ -529,13 +530,13 @@ def _replica(service: str, i: int) -> str:
     return service if i == 0 else f"{service}-{i + 1}"
 
 
-def _trace_to(cfg: dict, hcm: dict, endpoint: str) -> None:
-    """Envoy traces every request with its OpenTelemetry tracer, exporting to ``endpoint`` (an
-    OTLP/gRPC URL): its server span is the root of the request's trace (or continues the
-    caller's ``traceparent``), the ext_authz call is a child span, and the gateway gets the
-    context in ``traceparent``."""
+def _trace_to(cfg: dict, hcm: dict, endpoint: str, ratio: float = 1.0) -> None:
+    """Envoy traces ``ratio`` of the requests with its OpenTelemetry tracer, exporting to
+    ``endpoint`` (an OTLP/gRPC URL): its server span is the root of the request's trace (or
+    continues the caller's ``traceparent``), the ext_authz call is a child span, and the
+    gateway gets the context in ``traceparent``, sampled or not (the services follow it)."""
     url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    hcm["tracing"] = {"provider": {
+    hcm["tracing"] = {"random_sampling": {"value": round(100 * ratio, 4)}, "provider": {
         "name": "envoy.tracers.opentelemetry",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",

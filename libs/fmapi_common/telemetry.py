@@ -15,7 +15,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 
 _configured = False
 
@@ -40,7 +40,11 @@ def tracer_provider(service_name: str) -> TracerProvider:
         return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER, else always
+    # A request's spans follow Envoy's decision (it starts every request's trace, sampling
+    # sampling_ratio() of them); a span with no parent (background work) is sampled at the
+    # same ratio.
+    provider = TracerProvider(resource=resource,
+                              sampler=ParentBased(TraceIdRatioBased(sampling_ratio())))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
 
@@ -58,6 +62,39 @@ def otlp_traces_endpoint(env: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     return (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
+
+
+_RATIO_SAMPLERS = ("traceidratio", "parentbased_traceidratio")
+_SAMPLERS = {"always_on": 1.0, "parentbased_always_on": 1.0,
+             "always_off": 0.0, "parentbased_always_off": 0.0}
+
+
+def sampling_ratio(env: Mapping[str, str] | None = None) -> float:
+    """The share of requests traced, from the standard ``OTEL_TRACES_SAMPLER`` and
+    ``OTEL_TRACES_SAMPLER_ARG`` (every request when unset): Envoy samples that share (its
+    ``random_sampling``) and every service follows Envoy's decision, so a request is traced
+    across all its hops or not at all. Any sampler is taken as parent-based (a service deciding
+    on its own would cut traces in pieces); one other than the ratio, always-on and always-off
+    samplers traces every request."""
+    env = os.environ if env is None else env
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler in _SAMPLERS:
+        return _SAMPLERS[sampler]
+    if sampler not in _RATIO_SAMPLERS:
+        if sampler:
+            logging.getLogger(__name__).warning(
+                "OTEL_TRACES_SAMPLER=%s is not one fmapi knows; tracing every request", sampler)
+        return 1.0
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
+    try:
+        ratio = float(arg)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        logging.getLogger(__name__).warning(
+            "OTEL_TRACES_SAMPLER_ARG=%s is not a ratio between 0 and 1; tracing every request", arg)
+        return 1.0
+    return ratio
 
 
 def exporting() -> bool:

@@ -181,3 +181,47 @@ def test_a_process_that_exports_no_spans_records_none_but_keeps_trace_ids(no_exp
             assert format(span.get_span_context().trace_id, "032x") == caller
     finally:
         exporting.shutdown()
+
+
+@pytest.mark.parametrize("sampler, arg, ratio", [
+    (None, None, 1.0),
+    ("parentbased_traceidratio", "0.1", 0.1),
+    ("traceidratio", "0.25", 0.25),
+    ("always_off", None, 0.0),
+    ("parentbased_always_on", None, 1.0),
+    ("traceidratio", None, 1.0),
+    ("traceidratio", "1.5", 1.0),  # not a ratio: every request, with a warning
+    ("traceidratio", "a tenth", 1.0),
+    ("jaeger_remote", None, 1.0),  # a sampler fmapi does not know: every request
+])
+def test_the_share_of_requests_traced_comes_from_the_standard_sampler_variables(sampler, arg,
+                                                                                 ratio):
+    from fmapi_common.telemetry import sampling_ratio
+
+    env = {k: v for k, v in (("OTEL_TRACES_SAMPLER", sampler), ("OTEL_TRACES_SAMPLER_ARG", arg))
+           if v is not None}
+    assert sampling_ratio(env) == ratio
+
+
+def test_a_sampled_process_follows_envoys_decision_and_samples_its_own_roots(monkeypatch):
+    """A request Envoy traced is recorded and one it did not is not, whatever the ratio (a
+    service deciding on its own would cut traces in pieces); spans with no parent (background
+    work) are sampled at the ratio."""
+    from opentelemetry import propagate
+
+    from fmapi_common.telemetry import tracer_provider
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    for ratio, parent_flag, recorded in (("0", "01", True), ("1", "00", False)):
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", ratio)
+        provider = tracer_provider("test")
+        try:
+            ctx = propagate.extract({"traceparent": f"00-{trace_id}-00f067aa0ba902b7-{parent_flag}"})
+            with provider.get_tracer("t").start_as_current_span("request", context=ctx) as span:
+                assert span.is_recording() is recorded
+            with provider.get_tracer("t").start_as_current_span("background") as span:
+                assert span.is_recording() is (ratio == "1")
+        finally:
+            provider.shutdown()
