@@ -105,7 +105,8 @@ TEST_REPLICAS := gateway=2,auth=2,routing=2,quota=2,embedding=2
 TRACE_TESTS := tests/e2e/test_observability_e2e.py::test_a_streaming_chat_is_one_trace_from_envoy_to_the_engine \
   tests/e2e/test_observability_e2e.py::test_a_grpc_chat_is_one_trace_too \
   tests/e2e/test_observability_e2e.py::test_a_request_refused_by_ext_authz_has_its_trace_marked_as_an_error \
-  tests/e2e/test_embeddings_e2e.py::test_one_trace_spans_gateway_quota_and_embedding_without_routing
+  tests/e2e/test_embeddings_e2e.py::test_one_trace_spans_gateway_quota_and_embedding_without_routing \
+  tests/e2e/test_trace_sampling_e2e.py
 test: install lint ## install everything and run the whole test suite (e2e also on replicas)
 	$(BIN)/python -m pytest tests
 	$(MAKE) --no-print-directory test-replicas
