@@ -26,6 +26,11 @@ def setup_telemetry(service_name: str) -> None:
     if _configured:
         return
     _configured = True
+    if exporting():
+        # Tracer providers that libraries make in this process (the vLLM engine's) read the
+        # sampler from the environment: they follow Envoy's decision too.
+        os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        os.environ["OTEL_TRACES_SAMPLER_ARG"] = repr(sampling_ratio())
     trace.set_tracer_provider(tracer_provider(service_name))
     logging.getLogger(__name__).debug("telemetry ready for %s", service_name)
 
