@@ -534,9 +534,16 @@ def _trace_to(cfg: dict, hcm: dict, endpoint: str, ratio: float = 1.0) -> None:
     """Envoy traces ``ratio`` of the requests with its OpenTelemetry tracer, exporting to
     ``endpoint`` (an OTLP/gRPC URL): its server span is the root of the request's trace (or
     continues the caller's ``traceparent``), the ext_authz call is a child span, and the
-    gateway gets the context in ``traceparent``, sampled or not (the services follow it)."""
+    gateway gets the context in ``traceparent``, sampled or not (the services follow it).
+
+    No caller can raise that share: a caller's sampled ``traceparent`` does not force a trace
+    (Envoy keeps its own decision), nor does ``x-envoy-force-trace`` (no client is internal),
+    and an ``x-client-trace-id``, which Envoy would otherwise trace every time, is traced at the
+    same ratio (``client_sampling``)."""
     url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    hcm["tracing"] = {"random_sampling": {"value": round(100 * ratio, 4)}, "provider": {
+    share = round(100 * ratio, 4)
+    hcm["tracing"] = {"random_sampling": {"value": share}, "client_sampling": {"value": share},
+                      "provider": {
         "name": "envoy.tracers.opentelemetry",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",

@@ -1,10 +1,11 @@
 """Trace sampling: with ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` and a ratio, Envoy
 traces that share of the requests and every service follows its decision, so each request's
-trace is whole (Envoy, the gateway, the embedding server, quota) or absent; every response
-still names its trace id."""
+trace is whole (Envoy, the gateway, the embedding server, quota) or absent; a caller cannot
+raise the share; every response still names its trace id."""
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import httpx
@@ -14,7 +15,7 @@ from fmapi_cli.system import ROOT, System, SystemOptions
 from helpers.otlp import OtlpCollector
 
 SERVER = 2  # OTLP span kind
-REQUESTS = 40
+REQUESTS = 60  # a third plain, a third with x-client-trace-id, a third with a sampled traceparent
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,13 @@ def test_half_the_requests_are_traced_and_each_trace_is_whole(sampled):
     with httpx.Client(base_url=system.base_url, timeout=60,
                       headers={"authorization": f"Bearer {system.admin_token}"}) as c:
         for i in range(REQUESTS):
+            # Two thirds ask to be traced, in the two ways a client could: neither raises the
+            # share (a caller who could would undo the cost the sampling saves).
+            asks = ({} if i % 3 == 0 else
+                    {"x-client-trace-id": secrets.token_hex(8)} if i % 3 == 1 else
+                    {"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"})
             r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2",
-                                               "input": f"sentence number {i}"})
+                                               "input": f"sentence number {i}"}, headers=asks)
             assert r.status_code == 200, r.text
             # Traced or not, the response names its trace, for a user to hand to an SRE.
             assert len(r.headers["x-fmapi-trace-id"]) == 32
@@ -71,9 +77,12 @@ def test_half_the_requests_are_traced_and_each_trace_is_whole(sampled):
     assert len(set(trace_ids)) == REQUESTS
 
     by_trace = _settled(collector, set(trace_ids))
-    # Each request is sampled with probability 0.5: 40 of them all on one side has odds of
-    # about 2e-12; 5 to 35 traced fails about once in 10^7 runs.
-    assert 5 <= len(by_trace) <= REQUESTS - 5, f"{len(by_trace)} of {REQUESTS} traced"
+    # Each request is sampled with probability 0.5: 10 to 50 of 60 traced fails about once in
+    # 10^7 runs, and all 20 of one way of asking traced about once in 10^6.
+    assert 10 <= len(by_trace) <= REQUESTS - 10, f"{len(by_trace)} of {REQUESTS} traced"
+    for way in (1, 2):
+        asked = trace_ids[way::3]
+        assert sum(t in by_trace for t in asked) < len(asked), f"all that asked ({way}) traced"
     for tid, got in by_trace.items():
         kinds = {(s.service, s.kind) for s in got}
         names = {s.name for s in got}
