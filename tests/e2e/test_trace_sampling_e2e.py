@@ -41,8 +41,7 @@ def _settled(collector: OtlpCollector, trace_ids: set[str]) -> dict[str, list]:
     seen, quiet_since = -1, time.monotonic()
     deadline = time.monotonic() + 30
     while True:
-        with collector._servicer.lock:
-            spans = [s for s in collector._servicer.spans if s.trace_id in trace_ids]
+        spans = [s for s in collector.spans() if s.trace_id in trace_ids]
         by_trace: dict[str, list] = {}
         for s in spans:
             by_trace.setdefault(s.trace_id, []).append(s)

@@ -74,6 +74,11 @@ class OtlpCollector:
     def stop(self) -> None:
         self._server.stop(0)
 
+    def spans(self) -> list[Span]:
+        """Every span received so far."""
+        with self._servicer.lock:
+            return list(self._servicer.spans)
+
     def trace(self, trace_id: str, until, timeout: float = 10.0) -> list[Span]:
         """Spans of one trace, once ``until(spans)`` holds (or the timeout passes)."""
         deadline = time.monotonic() + timeout
