@@ -17,6 +17,7 @@ import time
 import grpc
 
 from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
+from fmapi_common import tasks
 from fmapi_common.router import Router, View
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,13 @@ class LocalRegistry:
         503 "registry not loaded")."""
         self._task = asyncio.create_task(self._watch())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._loaded.wait(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await self._loaded.wait()
         if not self._loaded.is_set():
             log.warning("no registry snapshot from routing yet; still trying")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await tasks.stop(self._task)
 
     async def wait_for_version(self, version: int, timeout: float) -> bool:
         """Wait until the copy holds registry ``version`` (or later); False after ``timeout``."""
@@ -58,7 +57,8 @@ class LocalRegistry:
             if left <= 0:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._arrived.wait()
         return True
 
     def status(self) -> str:
@@ -75,7 +75,8 @@ class LocalRegistry:
                 while True:
                     # Routing sends a snapshot at least every 5 s: silence means a dead peer
                     # (a connection that broke without a word), not a quiet registry.
-                    msg = await asyncio.wait_for(call.read(), SILENCE_S)
+                    async with asyncio.timeout(SILENCE_S):
+                        msg = await call.read()
                     if msg is grpc.aio.EOF:
                         log.info("registry stream ended (routing shutting down); re-opening")
                         break

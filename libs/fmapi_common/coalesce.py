@@ -112,7 +112,8 @@ class Coalescer(Generic[T, R]):
             if batch is None:
                 batch = []
                 try:
-                    await asyncio.wait_for(lingering.wait(), linger)
+                    async with asyncio.timeout(linger):
+                        await lingering.wait()
                 except TimeoutError:
                     pass
                 finally:

@@ -10,6 +10,7 @@ import grpc
 
 from fmapi.routing.v1 import routing_pb2, routing_pb2_grpc
 
+from . import tasks
 from .channels import make_channel
 from .tls import ROUTING, TlsFiles
 
@@ -74,8 +75,7 @@ class ReplicaRegistration:
                 log.warning("heartbeat to routing failed: %s", exc.code())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        await tasks.stop(self._task)
         if self._id:
             try:
                 await self._stub.DeregisterReplica(

@@ -515,3 +515,37 @@ async def test_a_gateway_copy_survives_a_silent_routing_and_picks_up_after(routi
             await asyncio.sleep(0.1)
         assert copy.received_at > seen  # snapshots flow again
         await copy.close()
+
+
+async def test_the_registry_view_stops_even_when_a_change_arrives_as_it_is_stopped(tmp_path):
+    """A routing replica sent SIGTERM right after it started hung (1 run in 15 under load): a
+    change woke the rebuilder in the same moment as its cancellation, Python 3.11's
+    ``asyncio.wait_for`` swallowed the cancellation, and stopping waited for it forever."""
+    from fmapi_common.redis_client import make_redis
+    from fmapi_routing.registry import RegistryStore
+    from fmapi_routing.replicas import ReplicaStore
+    from fmapi_routing.view import RegistryView
+
+    redis = RedisServer(tmp_path).start()
+    client = make_redis(redis.url, name="test", timeout=2, max_connections=4,
+                        decode_responses=False)
+    subscriber = make_redis(redis.url, name="test-changes", timeout=2, max_connections=2,
+                            subscriber=True)
+    try:
+        # The change lands a few loop turns before the stop: one of them is the window.
+        for turns in range(6):
+            view = RegistryView(RegistryStore(client), ReplicaStore(client), subscriber,
+                                refresh_s=30, coalesce_s=0)
+            await view.start()
+            await asyncio.sleep(0.05)  # its tasks now wait for a change
+            view.poke()
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            t0 = time.monotonic()
+            async with asyncio.timeout(5):
+                await view.stop()
+            assert time.monotonic() - t0 < 1, f"stop took {time.monotonic() - t0:.1f} s"
+    finally:
+        await client.aclose()
+        await subscriber.aclose()
+        redis.stop()

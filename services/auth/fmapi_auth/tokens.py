@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from fmapi_common import tasks
 from fmapi_common.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from fmapi_common.identity import Identity
 
@@ -311,21 +312,15 @@ class TokenStore:
 
     async def wait_subscribed(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._subscribed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._subscribed.wait()
             return True
         except TimeoutError:
             return False
 
     async def close(self) -> None:
-        if self._listener:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._listener = None
-        for t in list(self._tasks):
-            t.cancel()
+        await tasks.stop(self._listener, *self._tasks)
+        self._listener = None
         await self._redis.aclose()
         if self._pubsub_redis is not self._redis:
             await self._pubsub_redis.aclose()

@@ -176,8 +176,9 @@ class DynamicBatcher(Generic[T, R]):
                 break
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
                 break
         batch: list[_Pending[T, R]] = []
         waiting: collections.deque[_Pending[T, R]] = collections.deque()

@@ -179,7 +179,8 @@ class _Worker:
         fd = self.conn.fileno()
         loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
         try:
-            await asyncio.wait_for(readable, timeout)
+            async with asyncio.timeout(timeout):
+                await readable
         finally:
             loop.remove_reader(fd)
         return self.conn.recv()  # EOFError when the worker died

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import redis.asyncio as aioredis
 
 from fmapi.quota.v1 import quota_pb2_grpc
+from fmapi_common import tasks
 from fmapi_common.redis_client import make_redis as make_client
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
@@ -52,9 +52,7 @@ async def create(config: QuotaConfig) -> GrpcService:
     reaper = asyncio.create_task(service.reap_forever(config.reap_interval_seconds))
 
     async def stop_reaper() -> None:
-        reaper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reaper
+        await tasks.stop(reaper)
 
     svc.on_drain.append(stop_reaper)
     svc.on_stop.append(client.aclose)

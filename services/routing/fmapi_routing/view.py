@@ -21,6 +21,7 @@ import redis.asyncio as redis
 
 from fmapi.routing.v1 import routing_pb2 as pb
 from fmapi_common.endpoints import Endpoint, to_pb
+from fmapi_common import tasks
 from fmapi_common.errors import FmapiError
 from fmapi_common.router import View
 
@@ -67,11 +68,7 @@ class RegistryView:
         self._changed.set()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await tasks.stop(*self._tasks)
 
     def poke(self) -> None:
         """Something changed: rebuild soon."""
@@ -105,12 +102,14 @@ class RegistryView:
         if self.seq != seq:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
 
     async def _rebuilder(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self._refresh_s)
+                async with asyncio.timeout(self._refresh_s):
+                    await self._dirty.wait()
             await asyncio.sleep(self._coalesce_s)  # let changes that arrive together coalesce
             self._dirty.clear()
             try:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from fmapi.usage.v1 import usage_pb2, usage_pb2_grpc
+from fmapi_common import tasks
 from fmapi_common.redis_client import make_redis
 from fmapi_common.server import GrpcService, start_grpc_service
 from fmapi_common.telemetry import setup_telemetry
@@ -59,9 +59,7 @@ async def create(config: UsageConfig) -> GrpcService:
              config.consumer_group)
 
     async def stop_writer() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await tasks.stop(task)
 
     svc.on_drain.append(stop_writer)
     svc.on_stop.extend([client.aclose, reader.aclose, lambda: asyncio.to_thread(db.close)])
