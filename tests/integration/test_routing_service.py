@@ -259,14 +259,16 @@ def test_sigterm_stops_gracefully(tmp_path):
                                   "--endpoints-file", str(tmp_path / "e.yaml"),
                                   "--redis-url", redis.url, "--port-file", str(tmp_path / "p")],
                       tls.env("FMAPI_ROUTING_", "routing"))
-    sup.wait_for_file(child, tmp_path / "p", 30)
-    t0 = time.monotonic()
-    child.proc.terminate()
-    assert child.proc.wait(15) == 0
-    assert time.monotonic() - t0 < 10
-    assert "shutting down" in child.tail()
-    sup.stop()
-    redis.stop()
+    try:
+        sup.wait_for_file(child, tmp_path / "p", 30)
+        t0 = time.monotonic()
+        child.proc.terminate()
+        assert child.proc.wait(15) == 0
+        assert time.monotonic() - t0 < 10
+        assert "shutting down" in child.tail()
+    finally:  # a replica that failed to stop must not outlive the test
+        sup.stop()
+        redis.stop()
 
 
 def test_missing_config_stops_start_up_with_a_clear_message(tmp_path):
