@@ -9,7 +9,7 @@ import sys
 BENCHES = ["embeddings", "generation", "auth", "quota", "usage", "observability", "replicas"]
 # Run only when named: py-spy profiles of the path (needs py-spy, not a dependency), and where
 # the time to first token goes.
-ON_REQUEST = ["profile", "ttft"]
+ON_REQUEST = ["profile", "ttft", "rpc_floor"]
 
 
 def main(argv: list[str]) -> int:
