@@ -347,6 +347,61 @@ async def test_watch_streams_the_registry_and_every_change_within_a_second(stub,
         call.cancel()
 
 
+def _content(snap: pb.WatchRegistryResponse) -> bytes:
+    """What a watcher acts on: the snapshot without the leases' countdowns."""
+    copy = pb.WatchRegistryResponse()
+    copy.CopyFrom(snap)
+    for r in copy.replicas:
+        r.expires_in_ms = 0
+    return copy.SerializeToString(deterministic=True)
+
+
+async def test_beats_that_only_renew_a_lease_wake_no_one_and_a_new_load_does(
+        stub, model_server, routing_env):
+    """An idle fleet's heartbeats publish nothing in Redis and send watchers nothing (routing
+    still rebuilds every second); a heartbeat with a new load reaches watchers within a second."""
+    import redis.asyncio as aioredis
+
+    reg = await model_server.RegisterReplica(
+        pb.RegisterReplicaRequest(replica=_replica("10.0.1.9:1", inflight=2), ttl_seconds=30))
+    call = stub.WatchRegistry(pb.WatchRegistryRequest())
+    client = aioredis.from_url(routing_env[3].url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe("fmapi:registry:changes")
+    try:
+        last = await _next_snapshot(call, lambda s: any(r.id == reg.id for r in s.replicas))
+        published = 0
+        # 2.5 s of beats at the same load: 2 of routing's 1 s rebuilds, half the 5 s keep-alive.
+        deadline = time.monotonic() + 2.5
+        read = asyncio.ensure_future(call.read())
+        while time.monotonic() < deadline:
+            assert (await model_server.Heartbeat(
+                pb.HeartbeatRequest(id=reg.id, inflight=2))).known
+            while await pubsub.get_message(timeout=0.05) is not None:
+                published += 1
+            done, _ = await asyncio.wait({read}, timeout=0.4)
+            if done:  # only a snapshot that differs (another test's replica expiring) may come
+                snap = read.result()
+                assert snap is not grpc.aio.EOF
+                assert _content(snap) != _content(last), "a watcher got an unchanged snapshot"
+                last = snap
+                read = asyncio.ensure_future(call.read())
+        assert published == 0, f"{published} change messages for beats that changed nothing"
+
+        t0 = time.monotonic()
+        assert (await model_server.Heartbeat(pb.HeartbeatRequest(id=reg.id, inflight=5))).known
+        snap = await asyncio.wait_for(read, 1.0)
+        while not any(r.id == reg.id and r.inflight == 5 for r in snap.replicas):
+            snap = await asyncio.wait_for(call.read(), 1.0 - (time.monotonic() - t0))
+        assert time.monotonic() - t0 < 1.0
+        assert await pubsub.get_message(timeout=0.5) is not None  # the new load was published
+    finally:
+        call.cancel()
+        await pubsub.aclose()
+        await client.aclose()
+        await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=reg.id))
+
+
 async def test_endpoints_are_created_updated_and_deleted_at_run_time(stub, model_server):
     reg = await model_server.RegisterReplica(
         pb.RegisterReplicaRequest(replica=_replica("10.0.1.2:1"), ttl_seconds=30))

@@ -8,9 +8,10 @@ Registrations are bound to the identity that made them (the model server's certi
 assigned here, never chosen by the caller, and only the owner may renew or remove its replica.
 TTL, reported load, address and model names are validated (:func:`check_registration`).
 
-Every change is published on the registry's change channel (every routing replica rebuilds the
-view it streams to gateways), and every model ever registered is remembered with its kind
-(``fmapi:registry:models``: the models an endpoint may name).
+Every change (a registration, a departure, a heartbeat that reports a new load) is published on
+the registry's change channel (every routing replica rebuilds the view it streams to gateways);
+a heartbeat that only renews the lease is not a change. Every model ever registered is remembered
+with its kind (``fmapi:registry:models``: the models an endpoint may name).
 """
 
 from __future__ import annotations
@@ -145,14 +146,15 @@ class ReplicaStore:
             await p.execute()
         return info.id
 
-    async def _owned(self, replica_id: str, owner: str) -> tuple[list[str], float] | None:
-        """The replica's models and TTL; None when unknown; PermissionDenied when not ``owner``'s."""
-        data = await self._r.hmget(self._key(replica_id), "models", "ttl", "owner")
+    async def _owned(self, replica_id: str, owner: str) -> tuple[list[str], float, int] | None:
+        """The replica's models, TTL and last reported in-flight count; None when unknown;
+        PermissionDenied when not ``owner``'s."""
+        data = await self._r.hmget(self._key(replica_id), "models", "ttl", "owner", "inflight")
         if data[0] is None:
             return None
         if (data[2] or b"").decode() != owner:
             raise PermissionDenied(f"replica {replica_id} belongs to another service", param="id")
-        return json.loads(data[0]), float(data[1])
+        return json.loads(data[0]), float(data[1]), int(data[3] or 0)
 
     @_fail_fast
     async def heartbeat(self, replica_id: str, inflight: int, owner: str) -> bool:
@@ -161,14 +163,17 @@ class ReplicaStore:
         owned = await self._owned(replica_id, owner)
         if owned is None:
             return False
-        models, ttl = owned
+        models, ttl, before = owned
         now = time.time()
         async with self._r.pipeline(transaction=True) as p:
             p.hset(key, mapping={"inflight": inflight, "last_seen": now})
             p.pexpire(key, int(ttl * 1000))
             for m in models:
                 p.zadd(self._model_key(m), {replica_id: now + ttl})
-            p.publish(CHANNEL, "r")
+            if inflight != before:
+                # Only a new load is news: a beat that renews the lease alone changes nothing
+                # a routing view holds (an idle fleet's beats wake no routing replica).
+                p.publish(CHANNEL, "r")
             await p.execute()
         return True
 

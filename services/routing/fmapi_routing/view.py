@@ -1,12 +1,13 @@
 """Each routing replica's view of the registry, rebuilt from Redis on every change, and handed to
 every gateway that watches it.
 
-A change anywhere (an endpoint written by any routing replica; a replica registering, beating or
-leaving) is published on ``fmapi:registry:changes``; every routing replica rebuilds its view at
-once (changes arriving together are coalesced), and at least every ``refresh_s`` seconds (replicas
-that stopped beating drop out; a missed message costs at most that long). After its subscription
-drops, a replica reloads as soon as it is back. Each rebuild also promotes pending configs whose
-models have come up.
+A change anywhere (an endpoint written by any routing replica; a replica registering, reporting a
+new load or leaving) is published on ``fmapi:registry:changes``; every routing replica rebuilds its
+view at once (changes arriving together are coalesced), and at least every ``refresh_s`` seconds
+(replicas that stopped beating drop out; a missed message costs at most that long). After its
+subscription drops, a replica reloads as soon as it is back. Each rebuild also promotes pending
+configs whose models have come up. Watchers get a new message only when a rebuild changed what
+they act on (the leases' countdowns aside), and the current one as a keep-alive.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ class RegistryView:
         self.control: ControlPlane | None = None
         self.current = View()
         self.message = pb.WatchRegistryResponse(version=-1)
-        self.seq = 0  # bumped with every new message
+        self.seq = 0  # bumped whenever what watchers act on changes
         self._dirty = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.closing = False
         self._cache: dict[str, pb.Endpoint] = {}
+        self._content = b""  # the last message sent to watchers, leases' countdowns left out
 
     def live_models(self) -> set[str]:
         return self.current.live_models()
@@ -83,16 +85,24 @@ class RegistryView:
         live = await self._replicas.all_live()
         msg = pb.WatchRegistryResponse(version=version, endpoints=endpoints,
                                        static_replicas=self._static)
-        for r in sorted(live, key=lambda r: r.id):
+        live.sort(key=lambda r: r.id)
+        for r in live:
             msg.replicas.add(id=r.id, address=r.address, kind=r.kind, models=r.models,
-                             inflight=r.inflight, dedicated_endpoint=r.dedicated_endpoint,
-                             expires_in_ms=r.expires_in_ms)
+                             inflight=r.inflight, dedicated_endpoint=r.dedicated_endpoint)
+        # What a watcher acts on, without the leases' countdowns (different on every rebuild).
+        content = msg.SerializeToString(deterministic=True)
+        for entry, r in zip(msg.replicas, live):
+            entry.expires_in_ms = r.expires_in_ms
         self.current = View.of(msg)
         self.message = msg
-        _count_replicas(msg)
-        self.seq += 1
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        # Watchers are woken only when something they act on changed: an idle registry,
+        # refreshed every second, costs them nothing (their keep-alive brings the countdowns).
+        if content != self._content:
+            self._content = content
+            _count_replicas(msg)
+            self.seq += 1
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
         if self.control is not None and any(
                 e.config_update == pb.CONFIG_UPDATE_STATE_IN_PROGRESS for e in endpoints):
             await self.control.promote(self.live_models(), self._pending_timeout_ms)
