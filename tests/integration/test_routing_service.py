@@ -359,7 +359,8 @@ def _content(snap: pb.WatchRegistryResponse) -> bytes:
 async def test_beats_that_only_renew_a_lease_wake_no_one_and_a_new_load_does(
         stub, model_server, routing_env):
     """An idle fleet's heartbeats publish nothing in Redis and send watchers nothing (routing
-    still rebuilds every second); a heartbeat with a new load reaches watchers within a second."""
+    still rebuilds every second); a heartbeat with a new load reaches watchers within a second
+    (at once when none was sent for a while); a new replica at once."""
     import redis.asyncio as aioredis
 
     reg = await model_server.RegisterReplica(
@@ -388,13 +389,27 @@ async def test_beats_that_only_renew_a_lease_wake_no_one_and_a_new_load_does(
                 read = asyncio.ensure_future(call.read())
         assert published == 0, f"{published} change messages for beats that changed nothing"
 
-        t0 = time.monotonic()
+        async def until(want, timeout: float, first=None):
+            t0 = time.monotonic()
+            snap = await asyncio.wait_for(first, timeout) if first else None
+            while snap is None or not want(snap):
+                snap = await asyncio.wait_for(call.read(), timeout - (time.monotonic() - t0))
+            return time.monotonic() - t0
+
+        def load(n):
+            return lambda s: any(r.id == reg.id and r.inflight == n for r in s.replicas)
+
         assert (await model_server.Heartbeat(pb.HeartbeatRequest(id=reg.id, inflight=5))).known
-        snap = await asyncio.wait_for(read, 1.0)
-        while not any(r.id == reg.id and r.inflight == 5 for r in snap.replicas):
-            snap = await asyncio.wait_for(call.read(), 1.0 - (time.monotonic() - t0))
-        assert time.monotonic() - t0 < 1.0
+        assert await until(load(5), 1.0, read) < 1.0  # nothing sent for a while: at once
         assert await pubsub.get_message(timeout=0.5) is not None  # the new load was published
+        # Load news right after a snapshot waits for routing's load_update_seconds (1 s) ...
+        assert (await model_server.Heartbeat(pb.HeartbeatRequest(id=reg.id, inflight=6))).known
+        assert 0.3 <= await until(load(6), 2.5) <= 2.0
+        # ... a new replica does not.
+        other = await model_server.RegisterReplica(
+            pb.RegisterReplicaRequest(replica=_replica("10.0.1.10:1"), ttl_seconds=30))
+        assert await until(lambda s: any(r.id == other.id for r in s.replicas), 1.0) < 0.5
+        await model_server.DeregisterReplica(pb.DeregisterReplicaRequest(id=other.id))
     finally:
         call.cancel()
         await pubsub.aclose()

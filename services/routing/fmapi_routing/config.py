@@ -21,5 +21,10 @@ class RoutingConfig(ServiceConfig):
     redis_max_connections: int = Field(default=64, ge=2)
     # The view of the registry is rebuilt on every change and at least this often (seconds).
     refresh_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
+    # Watchers (gateways) get a snapshot at once when endpoints or replicas change, but one whose
+    # only news is replicas' reported load at most this often (seconds): a busy fleet's
+    # heartbeats would otherwise send every gateway a full snapshot per beat. The load is as old
+    # as the replicas' heartbeats (2 s) anyway.
+    load_update_seconds: float = Field(default=1.0, ge=0.0, le=60.0)
     # A change of served entities waits this long for its models' replicas, then fails.
     pending_timeout_seconds: float = Field(default=600.0, gt=0.0)

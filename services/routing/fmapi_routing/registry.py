@@ -38,6 +38,9 @@ from fmapi_common.errors import (
 
 ENDPOINTS, VERSION, MODELS = REGISTRY_KEY, "fmapi:registry:version", "fmapi:registry:models"
 CHANNEL = "fmapi:registry:changes"
+# What a replica's heartbeat that reports a new load, and changes nothing else, publishes there
+# (every other change publishes something else): routing views may take their time with it.
+LOAD_MESSAGE = "l"
 
 # ARGV: channel, then per endpoint: name, the JSON the caller read ('' = absent), the new JSON
 # ('' = delete). Returns the new version, or {err} naming an endpoint changed meanwhile.

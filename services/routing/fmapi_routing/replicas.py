@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from fmapi_common.errors import InvalidArgument, PermissionDenied, Unavailable
 
-from .registry import CHANNEL, MODELS
+from .registry import CHANNEL, LOAD_MESSAGE, MODELS
 
 _PREFIX = "fmapi:"
 
@@ -171,9 +171,10 @@ class ReplicaStore:
             for m in models:
                 p.zadd(self._model_key(m), {replica_id: now + ttl})
             if inflight != before:
-                # Only a new load is news: a beat that renews the lease alone changes nothing
-                # a routing view holds (an idle fleet's beats wake no routing replica).
-                p.publish(CHANNEL, "r")
+                # Only a new load is news, and only load news (routing views send it on at
+                # most once a second): a beat that renews the lease alone changes nothing a
+                # routing view holds (an idle fleet's beats wake no routing replica).
+                p.publish(CHANNEL, LOAD_MESSAGE)
             await p.execute()
         return True
 

@@ -47,6 +47,7 @@ async def create(config: RoutingConfig) -> GrpcService:
     view = RegistryView(store, replicas, subscriber,
                         static_replicas=registry.static_replicas if registry else None,
                         refresh_s=config.refresh_seconds,
+                        load_update_s=config.load_update_seconds,
                         pending_timeout_s=config.pending_timeout_seconds)
     control = ControlPlane(store, view.live_models)
     view.control = control

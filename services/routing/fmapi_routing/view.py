@@ -7,7 +7,8 @@ view at once (changes arriving together are coalesced), and at least every ``ref
 (replicas that stopped beating drop out; a missed message costs at most that long). After its
 subscription drops, a replica reloads as soon as it is back. Each rebuild also promotes pending
 configs whose models have come up. Watchers get a new message only when a rebuild changed what
-they act on (the leases' countdowns aside), and the current one as a keep-alive.
+they act on (the leases' countdowns aside), one whose only news is replicas' load at most every
+``load_update_s``, and the current one as a keep-alive.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 
 import prometheus_client
@@ -26,16 +28,19 @@ from fmapi_common import tasks
 from fmapi_common.errors import FmapiError
 from fmapi_common.router import View
 
-from .registry import CHANNEL, ControlPlane, RegistryStore
+from .registry import CHANNEL, LOAD_MESSAGE, ControlPlane, RegistryStore
 from .replicas import ReplicaStore
 
 log = logging.getLogger(__name__)
+
+LOAD_MESSAGES = (LOAD_MESSAGE, LOAD_MESSAGE.encode())
 
 
 class RegistryView:
     def __init__(self, store: RegistryStore, replicas: ReplicaStore, subscriber: redis.Redis, *,
                  static_replicas: dict[str, list[str]] | None = None, refresh_s: float = 1.0,
-                 pending_timeout_s: float = 600.0, coalesce_s: float = 0.02) -> None:
+                 pending_timeout_s: float = 600.0, coalesce_s: float = 0.02,
+                 load_update_s: float = 1.0) -> None:
         self._store = store
         self._replicas = replicas
         self._sub = subscriber
@@ -43,6 +48,7 @@ class RegistryView:
         self._refresh_s = refresh_s
         self._pending_timeout_ms = int(pending_timeout_s * 1000)
         self._coalesce_s = coalesce_s
+        self._load_update_s = load_update_s
         self.control: ControlPlane | None = None
         self.current = View()
         self.message = pb.WatchRegistryResponse(version=-1)
@@ -52,7 +58,12 @@ class RegistryView:
         self._tasks: list[asyncio.Task] = []
         self.closing = False
         self._cache: dict[str, pb.Endpoint] = {}
-        self._content = b""  # the last message sent to watchers, leases' countdowns left out
+        # The last message sent to watchers, leases' countdowns left out; the same without the
+        # replicas' loads; when it was sent (monotonic seconds).
+        self._content = b""
+        self._shape = b""
+        self._sent_at = float("-inf")
+        self._load_timer: asyncio.TimerHandle | None = None
 
     def live_models(self) -> set[str]:
         return self.current.live_models()
@@ -70,11 +81,29 @@ class RegistryView:
         self._changed.set()
 
     async def stop(self) -> None:
+        if self._load_timer is not None:
+            self._load_timer.cancel()
         await tasks.stop(*self._tasks)
 
     def poke(self) -> None:
         """Something changed: rebuild soon."""
         self._dirty.set()
+
+    def _load_due(self) -> None:
+        """News of load held back: its time has come."""
+        self._load_timer = None
+        self._dirty.set()
+
+    def _load_news(self) -> None:
+        """A replica reported a new load: rebuild once watchers may be sent load news again
+        (a busy fleet's beats cost one rebuild per load_update_s, not one each)."""
+        if self._load_timer is not None:
+            return
+        wait = self._sent_at + self._load_update_s - time.monotonic()
+        if wait <= 0:
+            self._dirty.set()
+        else:
+            self._load_timer = asyncio.get_running_loop().call_later(wait, self._load_due)
 
     async def rebuild(self) -> None:
         version, raw = await self._store.snapshot()
@@ -88,21 +117,32 @@ class RegistryView:
         live.sort(key=lambda r: r.id)
         for r in live:
             msg.replicas.add(id=r.id, address=r.address, kind=r.kind, models=r.models,
-                             inflight=r.inflight, dedicated_endpoint=r.dedicated_endpoint)
-        # What a watcher acts on, without the leases' countdowns (different on every rebuild).
+                             dedicated_endpoint=r.dedicated_endpoint)
+        # What a watcher acts on, without the replicas' loads, then with them; never the leases'
+        # countdowns (different on every rebuild).
+        shape = msg.SerializeToString(deterministic=True)
+        for entry, r in zip(msg.replicas, live):
+            entry.inflight = r.inflight
         content = msg.SerializeToString(deterministic=True)
         for entry, r in zip(msg.replicas, live):
             entry.expires_in_ms = r.expires_in_ms
         self.current = View.of(msg)
         self.message = msg
-        # Watchers are woken only when something they act on changed: an idle registry,
-        # refreshed every second, costs them nothing (their keep-alive brings the countdowns).
+        # Watchers are woken only when something they act on changed (an idle registry,
+        # refreshed every second, costs them nothing: their keep-alive brings the countdowns),
+        # and for news of load alone at most every load_update_s (a rebuild then sends what is
+        # still new).
+        now = time.monotonic()
         if content != self._content:
-            self._content = content
-            _count_replicas(msg)
-            self.seq += 1
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()
+            wait = 0.0 if shape != self._shape else self._sent_at + self._load_update_s - now
+            if wait <= 0:
+                self._content, self._shape, self._sent_at = content, shape, now
+                _count_replicas(msg)
+                self.seq += 1
+                changed, self._changed = self._changed, asyncio.Event()
+                changed.set()
+            elif self._load_timer is None:
+                self._load_timer = asyncio.get_running_loop().call_later(wait, self._load_due)
         if self.control is not None and any(
                 e.config_update == pb.CONFIG_UPDATE_STATE_IN_PROGRESS for e in endpoints):
             await self.control.promote(self.live_models(), self._pending_timeout_ms)
@@ -138,7 +178,11 @@ class RegistryView:
                 self.poke()  # messages may have been missed while unsubscribed: reload
                 delay = 0.05
                 async for msg in pubsub.listen():
-                    if msg.get("type") == "message":
+                    if msg.get("type") != "message":
+                        continue
+                    if msg.get("data") in LOAD_MESSAGES:
+                        self._load_news()
+                    else:
                         self.poke()
             except asyncio.CancelledError:
                 raise
