@@ -3,7 +3,9 @@ the gateway's copy of the registry that requests resolve against."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -31,6 +33,10 @@ from .registry import LocalRegistry
 
 T = TypeVar("T")
 
+# How long one health check of every backend answers GET /healthz (public: a flood of it must
+# not fan out to every replica).
+HEALTH_TTL_S = 1.0
+
 # How long a model server that failed UNAVAILABLE is avoided (a dead one's registration lives
 # up to its TTL, 10 s, without heartbeats).
 UNREACHABLE_AVOID_S = 10.0
@@ -53,11 +59,16 @@ class Backends:
         self.request_timeout = request_timeout
         # Model-server addresses that just failed UNAVAILABLE -> until when to avoid them.
         self._down: dict[str, float] = {}
+        # The last check of every backend's health (shared by GET /healthz callers).
+        self._health: asyncio.Future[dict[str, str]] | None = None
+        self._health_at = float("-inf")
 
     async def start(self) -> None:
         await self.registry.start()
 
     async def close(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
         await self.registry.close()
         if self.quota is not None:
             await self.quota.close()
@@ -151,14 +162,29 @@ class Backends:
             raise call_error(exc, f"the embedding server did not answer within {timeout:g} s") from None
 
     async def health(self) -> dict[str, str]:
-        """Health of routing and of every live replica, as reported by their health services."""
-        out: dict[str, str] = {}
-        out["routing"] = await _check(self._routing_channel)
-        out["registry"] = self.registry.status()
-        replicas = {r.id: r for rs in self.registry.view.replicas.values() for r in rs}
-        for r in replicas.values():
-            kind = routing_pb2.ReplicaKind.Name(r.kind).removeprefix("REPLICA_KIND_").lower()
-            out[f"{kind}@{r.address}"] = await _check(self.pool.get(r.address, kind))
+        """Health of routing and of every live replica, as reported by their health services,
+        checked together. ``GET /healthz`` needs no token, so one check serves every caller
+        for HEALTH_TTL_S: a flood of it costs the replicas nothing more. Replicas are named by
+        kind and number, never by address (the answer is public)."""
+        now = time.monotonic()
+        if self._health is None or (self._health.done() and now - self._health_at >= HEALTH_TTL_S):
+            self._health = asyncio.ensure_future(self._check_all())
+            self._health_at = now
+        return dict(await asyncio.shield(self._health))
+
+    async def _check_all(self) -> dict[str, str]:
+        replicas = sorted({r.id: r for rs in self.registry.view.replicas.values()
+                           for r in rs}.values(), key=lambda r: (r.kind, r.id))
+        kinds = [routing_pb2.ReplicaKind.Name(r.kind).removeprefix("REPLICA_KIND_").lower()
+                 for r in replicas]
+        states = await asyncio.gather(
+            _check(self._routing_channel),
+            *(_check(self.pool.get(r.address, kind)) for r, kind in zip(replicas, kinds)))
+        out = {"routing": states[0], "registry": self.registry.status()}
+        numbered = Counter()
+        for kind, state in zip(kinds, states[1:]):
+            numbered[kind] += 1
+            out[f"{kind} {numbered[kind]}"] = state
         return out
 
 
