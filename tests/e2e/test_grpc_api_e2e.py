@@ -400,3 +400,22 @@ def test_a_cancelled_stream_aborts_the_engine_and_is_settled_as_client_closed(sy
     wait_for(lambda: running_requests(system) == 0, 2.0, "the engine kept generating after the cancel")
     row = _usage_row(system, CHAT, crid)
     assert row["status_code"] == "499" and 0 < int(row["output_tokens"]) < LONG_GENERATION
+
+
+def test_health_check_needs_no_token_and_health_watch_needs_one(system, md):
+    """Check answers anyone; Watch (a stream that may stay open for a day without a byte) is not
+    open to anyone: a flood of them would hold the gateway's memory."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{system.http_port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving
+        with pytest.raises(grpc.RpcError) as err:
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        watch = health.Watch(health_pb2.HealthCheckRequest(), metadata=md, timeout=10)
+        try:
+            assert next(watch).status == serving
+        finally:
+            watch.cancel()

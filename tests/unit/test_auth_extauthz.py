@@ -26,6 +26,8 @@ from fmapi_common.errors import (
         ("GET", "/healthz", Rule(Access.PUBLIC)),
         ("GET", "/healthz?verbose=1", Rule(Access.PUBLIC)),
         ("POST", "/grpc.health.v1.Health/Check", Rule(Access.PUBLIC)),
+        ("POST", "/grpc.health.v1.Health/Watch", Rule(Access.TOKEN)),
+        ("POST", "/grpc.health.v1.Health/Check/x", Rule(Access.TOKEN)),
         ("GET", "/healthzz", Rule(Access.TOKEN)),
         ("POST", "/v1/chat/completions", Rule(Access.BODY)),
         ("POST", "/v1/completions", Rule(Access.BODY)),

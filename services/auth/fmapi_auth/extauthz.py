@@ -103,6 +103,7 @@ _TOKEN_MGMT = re.compile(r"^/api/2\.0/(?:token|tokens|token-management|fmapi)(?:
 _INFERENCE_GRPC = "/fmapi.inference.v1.InferenceService/"
 _INTERNAL_GRPC = re.compile(r"^/fmapi\.(?:auth|routing|quota|generation|embedding)\.v\d+\.")
 _READ_METHODS = frozenset({"GET", "HEAD"})
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _CONSOLE = "/console"  # the web console's static files (gateway/fmapi_gateway/console.py)
 
 
@@ -121,7 +122,10 @@ def _classify(method: str, raw_path: str) -> Rule:
     if ".." in segments or "." in segments:
         raise InvalidArgument("request path must not contain '.' or '..' segments")
     p = re.sub(r"/{2,}", "/", p)
-    if p == "/healthz" or p.startswith("/grpc.health.v1.Health/"):
+    if p in ("/healthz", _HEALTH_CHECK):
+        # One answer each; not Health/Watch, a stream that may stay open for a day (Envoy's
+        # idle limit) without a byte: open to anyone, a flood of them would hold the
+        # gateway's memory. It needs a token, as every other method does.
         return Rule(Access.PUBLIC)
     if method in _READ_METHODS and (p == _CONSOLE or p.startswith(_CONSOLE + "/")):
         return Rule(Access.PUBLIC)
