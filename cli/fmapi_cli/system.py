@@ -530,7 +530,7 @@ def _replica(service: str, i: int) -> str:
     return service if i == 0 else f"{service}-{i + 1}"
 
 
-def _trace_to(cfg: dict, hcm: dict, endpoint: str, ratio: float = 1.0) -> None:
+def _trace_to(cfg: dict, hcm: dict, endpoint: str, ratio: float) -> None:
     """Envoy traces ``ratio`` of the requests with its OpenTelemetry tracer, exporting to
     ``endpoint`` (an OTLP/gRPC URL): its server span is the root of the request's trace (or
     continues the caller's ``traceparent``), the ext_authz call is a child span, and the
