@@ -538,11 +538,12 @@ def _trace_to(cfg: dict, hcm: dict, endpoint: str, ratio: float) -> None:
 
     No caller can raise that share: a caller's sampled ``traceparent`` does not force a trace
     (Envoy keeps its own decision), nor does ``x-envoy-force-trace`` (no client is internal),
-    and an ``x-client-trace-id``, which Envoy would otherwise trace every time, is traced at the
-    same ratio (``client_sampling``)."""
+    and an ``x-client-trace-id``, which Envoy would otherwise trace every time, forces nothing
+    (``client_sampling`` 0: such a request falls through to ``random_sampling``, like any other;
+    at the ratio it would be traced by both draws, ``1 - (1 - r)**2`` of the time)."""
     url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
     share = round(100 * ratio, 4)
-    hcm["tracing"] = {"random_sampling": {"value": share}, "client_sampling": {"value": share},
+    hcm["tracing"] = {"random_sampling": {"value": share}, "client_sampling": {"value": 0},
                       "provider": {
         "name": "envoy.tracers.opentelemetry",
         "typed_config": {

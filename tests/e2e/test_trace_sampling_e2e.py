@@ -82,6 +82,12 @@ def test_half_the_requests_are_traced_and_each_trace_is_whole(sampled):
     for way in (1, 2):
         asked = trace_ids[way::3]
         assert sum(t in by_trace for t in asked) < len(asked), f"all that asked ({way}) traced"
+    # An x-client-trace-id forces no trace: Envoy samples it as any other request (it would
+    # otherwise get a draw of its own first, and 3 in 4 be traced at 0.5).
+    stats = dict(line.split(": ", 1) for line in system.envoy_admin(
+        "/stats?filter=^http\\.public\\.tracing\\.").text.splitlines())
+    assert stats["http.public.tracing.client_enabled"] == "0", stats
+    assert int(stats["http.public.tracing.random_sampling"]) >= len(by_trace), stats
     for tid, got in by_trace.items():
         kinds = {(s.service, s.kind) for s in got}
         names = {s.name for s in got}
