@@ -44,8 +44,8 @@ UNREACHABLE_AVOID_S = 10.0
 
 class Backends:
     """``idle_timeout`` bounds every wait for a backend's next message (a unary answer, a
-    stream's first or next message); ``request_timeout`` caps a whole request unless its
-    endpoint sets ``limits.request_timeout_seconds``."""
+    stream's first or next message, keep-alives included); ``request_timeout`` caps a whole
+    request unless its endpoint sets ``limits.request_timeout_seconds``."""
 
     def __init__(self, routing_addr: str, idle_timeout: float, tls: TlsFiles | None,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S, quota: Quota | None = None) -> None:
@@ -56,6 +56,11 @@ class Backends:
         self.registry = LocalRegistry(self.routing)
         self.pool = ChannelPool(tls)
         self.idle_timeout = idle_timeout
+        # What a model server is asked to send keep-alives at, while a request is queued or
+        # prefilling without output: a third of the idle timeout, so that a busy server is
+        # never taken for a frozen one (a request may wait longer than the idle timeout for
+        # its first token on a loaded server, or for a long prompt's prefill).
+        self.keepalive_ms = max(1, int(idle_timeout * 1000 / 3))
         self.request_timeout = request_timeout
         # Model-server addresses that just failed UNAVAILABLE -> until when to avoid them.
         self._down: dict[str, float] = {}
@@ -212,4 +217,5 @@ def open_generation(backends: Backends, address: str, request, cap: float):
     from fmapi.generation.v1 import generation_pb2_grpc
 
     stub = generation_pb2_grpc.GenerationServiceStub(backends.pool.get(address, GENERATION))
+    request.keepalive_ms = backends.keepalive_ms
     return stub.Generate(request, timeout=cap)

@@ -39,7 +39,9 @@ class GatewayConfig(ServiceConfig):
     # Largest request body accepted (the managed product's limit is 4 MB); larger gets 413.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # Idle timeout: longest wait for a backend's next message (a unary answer such as Embed, a
-    # generation stream's first message, or its next one). Tokens that keep flowing never hit it.
+    # generation stream's first message, or its next one). Tokens that keep flowing never hit it,
+    # nor does a request waiting in a busy engine's queue: model servers send keep-alives at a
+    # third of it (GenerateRequest.keepalive_ms).
     backend_timeout_s: float = Field(30.0, gt=0)
     # Overall cap on one request, streaming included, for endpoints whose
     # limits.request_timeout_seconds is 0. Either timeout gives 504 and cancels the engine request.

@@ -32,6 +32,8 @@ MAX_MODEL_LEN = 8192
 # The service's default prompt cap (FMAPI_GENERATION_MAX_PROMPT_TOKENS) and grammar time limit.
 MAX_PROMPT_TOKENS = 1000
 GRAMMAR_TIMEOUT_S = 2.0
+# Keep-alive interval asked for by test_long_prefill_does_not_hold_up_others' long request.
+KEEPALIVE_MS = 100
 SERVICE = "fmapi.generation.v1.GenerationService"
 
 
@@ -644,6 +646,7 @@ async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
         prompt=words_prompt(tokenizer, MAX_MODEL_LEN - 256, seed=5),
         sampling=pb.SamplingParams(max_tokens=1, temperature=0),
         max_prompt_tokens=MAX_MODEL_LEN,  # an endpoint that allows it
+        keepalive_ms=KEEPALIVE_MS,  # the long one asks for keep-alives; the short one does not
     )
     short_req = pb.GenerateRequest(
         prompt="hello", sampling=pb.SamplingParams(max_tokens=4, temperature=0)
@@ -653,18 +656,25 @@ async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
     assert accepted(await long_call.read())
     long_accepted = time.monotonic() - start
 
-    async def first_token_and_end(call, t0):
+    keepalives: dict[str, list[float]] = {"long": [], "short": []}
+
+    async def first_token_and_end(call, t0, name, accepted_read=False):
         # read() throughout: gRPC refuses a call read with both read() and iteration.
         first = None
         while (m := await call.read()) is not grpc.aio.EOF:
             if first is None and m.choices:
                 first = time.monotonic() - t0
+            if accepted_read and m == pb.GenerateResponse():  # after "accepted": a keep-alive
+                keepalives[name].append(time.monotonic() - t0)
+            accepted_read = True
         return first, time.monotonic() - t0
 
-    long_task = asyncio.create_task(first_token_and_end(long_call, start))
+    long_task = asyncio.create_task(first_token_and_end(long_call, start, "long",
+                                                        accepted_read=True))
     await asyncio.sleep(0.02)  # the long prefill is under way (it was accepted)
     short_start = time.monotonic()
-    short_ttft, short_done = await first_token_and_end(stub.Generate(short_req), short_start)
+    short_ttft, short_done = await first_token_and_end(stub.Generate(short_req), short_start,
+                                                       "short")
     long_ttft, _ = await long_task
     short_done_at = short_start - start + short_done
     print(
@@ -675,6 +685,14 @@ async def test_long_prefill_does_not_hold_up_others(stub, tokenizer):
     assert long_accepted < 0.25 * long_ttft  # headers need not wait for the prefill
     assert short_ttft < 0.35 * long_ttft
     assert short_done_at < long_ttft  # the short request is over before the long prefill is
+    # While it prefilled, the long request's stream carried keep-alives at about the interval it
+    # asked for (a gateway's idle timeout would otherwise take it for a frozen server); the
+    # short request, which asked for none, got none.
+    before_first = [t for t in keepalives["long"] if t < long_ttft]
+    assert len(before_first) >= max(1, int(long_ttft / (KEEPALIVE_MS / 1000)) // 3), keepalives
+    gaps = [b - a for a, b in zip([long_accepted, *before_first], before_first)]
+    assert max(gaps) < 1.0, gaps
+    assert keepalives["short"] == []
 
 
 # ---------------------------------------------------------------- schemas (finding 9)

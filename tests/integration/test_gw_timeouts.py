@@ -36,14 +36,28 @@ ADMIN = Identity("admin", "default", "t1", ("*",), admin=True)
 
 class FrozenGeneration(generation_pb2_grpc.GenerationServiceServicer):
     """Behaves as the last chat message says: ``freeze`` (never answers), ``first-then-freeze`` (one delta,
-    then nothing) or ``trickle`` (a delta every 0.1 s, forever). Records cancelled calls."""
+    then nothing), ``trickle`` (a delta every 0.1 s, forever) or ``queued`` (accepted, then only
+    keep-alives at the asked interval for three idle timeouts, as a busy engine's queue would
+    leave it; then its answer). Records cancelled calls and the keep-alive intervals asked."""
 
     def __init__(self) -> None:
         self.cancelled: list[float] = []
+        self.keepalive_ms: list[int] = []
 
     async def Generate(self, request, context):
         mode = request.chat.messages[-1].content
+        self.keepalive_ms.append(request.keepalive_ms)
         try:
+            if mode == "queued":
+                yield gen_pb.GenerateResponse()  # accepted
+                if not request.keepalive_ms:  # nobody asked: silent until the answer
+                    await asyncio.sleep(3 * IDLE)
+                for _ in range(int(3 * IDLE * 1000 / max(request.keepalive_ms, 1))):
+                    await asyncio.sleep(request.keepalive_ms / 1000)
+                    yield gen_pb.GenerateResponse()
+                yield gen_pb.GenerateResponse(choices=[gen_pb.ChoiceDelta(
+                    index=0, text="at last", num_tokens=2, finish_reason=gen_pb.FINISH_REASON_STOP)])
+                return
             if mode == "freeze":
                 await asyncio.Event().wait()
             yield gen_pb.GenerateResponse(choices=[gen_pb.ChoiceDelta(index=0, text="tok ")])
@@ -174,6 +188,26 @@ async def test_a_stream_that_freezes_mid_way_ends_with_an_in_band_error(gateway)
     assert error["error"]["code"] == "timeout" and "sent nothing" in error["error"]["message"]
     assert "[DONE]" not in events
     await assert_cancelled(gen)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_queued_longer_than_the_idle_timeout_is_answered(gateway, stream):
+    """A model server whose engine is busy sends nothing but keep-alives for three idle timeouts
+    before the request's first token: the gateway asks for them at a third of its idle timeout
+    and waits; the caller gets the answer, not a timeout."""
+    gen, client = gateway
+    r, took = await post(client, "/v1/chat/completions", chat("chat", "queued", stream=stream))
+    assert r.status_code == 200, r.text
+    assert gen.keepalive_ms == [int(IDLE * 1000 / 3)]
+    assert took >= 3 * IDLE
+    if stream:
+        events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line]
+        assert events[-1] == "[DONE]", events
+        assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                       for e in events[:-1] if json.loads(e)["choices"]) == "at last"
+    else:
+        assert r.json()["choices"][0]["message"]["content"] == "at last"
+    assert not gen.cancelled
 
 
 async def test_flowing_tokens_outlive_the_idle_timeout_until_the_endpoint_cap(gateway):

@@ -27,14 +27,16 @@ class ScriptedEngine:
 
     def __init__(self, tokenizer, script):
         self.tokenizer = tokenizer
-        self.script = script
+        self.script = script  # steps; None: nothing new for the keep-alive interval
         self.calls = []
+        self.keepalives = []
 
     def running_requests(self) -> int:
         return 0
 
-    async def generate(self, prompt_ids, sampling, request_id, *, raw=False):
+    async def generate(self, prompt_ids, sampling, request_id, *, raw=False, keepalive=0.0):
         self.calls.append((prompt_ids, sampling))
+        self.keepalives.append(keepalive)
         yield []  # accepted
         for step in self.script:
             yield step
@@ -69,6 +71,17 @@ async def test_first_step_is_empty_then_echo_then_output(tokenizer):
     assert out[0].choices == [] and out[0].usage is None
     assert out[1].choices[0].text == "hello"
     assert out[2].choices[0].text == " there"
+    assert out[-1].usage.completion_tokens == 1
+
+
+async def test_a_quiet_engine_becomes_an_empty_keepalive_step(tokenizer):
+    """The engine's None (no output for the request's keep-alive interval) is sent on as a
+    step with nothing in it, which the servicer turns into an empty message."""
+    svc, engine = service(tokenizer, [None, None, [ChoiceStep(0, " hi", 1, finish_reason=FinishReason.STOP)]])
+    out = await steps(svc, GenerateInput(prompt="hello", keepalive_s=0.25))
+    assert engine.keepalives == [0.25]
+    assert [(s.choices, s.usage, s.admission) for s in out[1:3]] == [([], None, None)] * 2
+    assert out[3].choices[0].text == " hi"
     assert out[-1].usage.completion_tokens == 1
 
 

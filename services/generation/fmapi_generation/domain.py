@@ -74,6 +74,9 @@ class GenerateInput:
     echo: bool = False
     # Longest prompt accepted, in tokens (the endpoint's cap); 0 = the service's default.
     max_prompt_tokens: int = 0
+    # Seconds without output after which a keep-alive step is sent (0 = never): see
+    # GenerateRequest.keepalive_ms.
+    keepalive_s: float = 0.0
 
 
 # ---------------------------------------------------------------- what the engine is asked

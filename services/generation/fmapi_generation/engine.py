@@ -50,13 +50,15 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self, prompt_ids: list[int], sampling: EngineSampling, request_id: str, *, raw: bool = False
-    ) -> AsyncIterator[list[ChoiceStep]]:
+        self, prompt_ids: list[int], sampling: EngineSampling, request_id: str, *,
+        raw: bool = False, keepalive: float = 0.0,
+    ) -> AsyncIterator[list[ChoiceStep] | None]:
         """Stream new output per choice. The first item is always an empty list, yielded once
         the engine has validated and queued the request (before its prefill); a refusal is
-        raised before it. Closing the iterator (or cancelling the task that drives it) aborts
-        the request in the engine. ``raw`` keeps special tokens in the text (tool-call parsers
-        need them)."""
+        raised before it. After it, ``None`` whenever ``keepalive`` seconds (when positive)
+        pass without output: the request is still queued, prefilling or decoding. Closing the
+        iterator (or cancelling the task that drives it) aborts the request in the engine.
+        ``raw`` keeps special tokens in the text (tool-call parsers need them)."""
         ...
 
     def tool_parser(self) -> Any | None:
@@ -311,8 +313,9 @@ class VllmEngine:
         return self._llm is not None and bool(self._llm.errored)
 
     async def generate(
-        self, prompt_ids: list[int], sampling: EngineSampling, request_id: str, *, raw: bool = False
-    ) -> AsyncIterator[list[ChoiceStep]]:
+        self, prompt_ids: list[int], sampling: EngineSampling, request_id: str, *,
+        raw: bool = False, keepalive: float = 0.0,
+    ) -> AsyncIterator[list[ChoiceStep] | None]:
         # AsyncLLM.generate() adds the request and waits for its first output in one step; this is
         # the same loop with the two apart, so the caller hears "accepted" before the prefill.
         from vllm.exceptions import VLLMClientError
@@ -339,7 +342,19 @@ class VllmEngine:
         try:
             yield []  # accepted
             while not finished:
-                out = queue.get_nowait() or await queue.get()
+                out = queue.get_nowait()
+                if out is None and keepalive > 0:
+                    # A timer, not a task per wait: tokens that flow pay almost nothing for it.
+                    # A timeout cancels only the wait (the collector keeps any output that
+                    # arrived meanwhile, for the next get).
+                    try:
+                        async with asyncio.timeout(keepalive):
+                            out = await queue.get()
+                    except TimeoutError:
+                        yield None
+                        continue
+                elif out is None:
+                    out = await queue.get()
                 finished = out.finished
                 if out is not STREAM_FINISHED:
                     top = sampling.logprobs

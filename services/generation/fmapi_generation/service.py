@@ -127,7 +127,8 @@ class GenerationService:
             completion_tokens = 0
             accepted = False
             async for choices in self.engine.generate(
-                prompt_ids, sampling, request_id, raw=plan.tool_mode == ToolMode.AUTO
+                prompt_ids, sampling, request_id, raw=plan.tool_mode == ToolMode.AUTO,
+                keepalive=req.keepalive_s,
             ):
                 if not accepted:  # the engine's first item: the request is queued
                     accepted = True
@@ -135,6 +136,9 @@ class GenerationService:
                     if plan.echo:
                         n = sampling.n * copies
                         yield Step([ChoiceStep(index=i, text=prompt_text) for i in range(n)])
+                    continue
+                if choices is None:  # nothing new for a while: still queued or working
+                    yield Step([])
                     continue
                 if not choices:
                     continue

@@ -64,6 +64,7 @@ def request_from_proto(req: pb.GenerateRequest) -> GenerateInput:
         sampling=sampling,
         echo=req.echo,
         max_prompt_tokens=req.max_prompt_tokens,
+        keepalive_s=req.keepalive_ms / 1000,
     )
     which = req.WhichOneof("input")
     if which == "prompt":
