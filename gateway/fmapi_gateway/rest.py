@@ -132,18 +132,16 @@ class Api:
         ident = caller(request)
         if not ident.admin:
             require_query(ident, name)
+        # From routing, which reads the registry in Redis: this gateway's copy may not have a
+        # change made a moment ago through another gateway (the SDK's create().result() and
+        # update_config().result() read right after the write, and the copy arrives some
+        # milliseconds later). Control-plane reads pay this call, never inference.
         try:
-            return await self._endpoint(name, "name")
-        except NotFound:
-            # Created a moment ago through another gateway, whose copy has it before this one
-            # (the SDK's create().result() reads right after the write): routing has the
-            # registry first. Only reads of unknown names pay this call, never inference.
-            try:
-                resp = await self.backends.admin(
-                    "GetEndpoint", routing_pb2.GetEndpointRequest(name=name))
-            except NotFound as exc:
-                raise NotFound(exc.message, param="name", reason=exc.reason) from None
-            return resp.endpoint
+            resp = await self.backends.admin(
+                "GetEndpoint", routing_pb2.GetEndpointRequest(name=name))
+        except NotFound as exc:
+            raise NotFound(exc.message, param="name", reason=exc.reason) from None
+        return resp.endpoint
 
     async def get_serving_endpoint(self, request: Request) -> JSON:
         ep = await self._readable(request)

@@ -538,6 +538,11 @@ async def test_two_routing_replicas_share_the_registry_and_apply_is_idempotent(r
             declared = [_ep("applied", "m1", description="from a file", task=pb.TASK_CHAT)]
             first = await stub.ApplyEndpoints(pb.ApplyEndpointsRequest(endpoints=declared))
             assert list(first.created) == ["applied"] and first.version > before.version
+            # A read through the other replica right after the write sees it, before that
+            # replica's view has caught up (the Databricks SDK's create().result() reads at
+            # once, through whichever gateway and routing replica).
+            got = await other.GetEndpoint(pb.GetEndpointRequest(name="applied"))
+            assert got.endpoint.description == "from a file"
             # The change made through one replica reaches the other's watchers within a second.
             t0 = time.monotonic()
             await _next_snapshot(call, lambda s: s.version >= first.version)
@@ -547,6 +552,12 @@ async def test_two_routing_replicas_share_the_registry_and_apply_is_idempotent(r
             pruned = await other.ApplyEndpoints(pb.ApplyEndpointsRequest(
                 endpoints=declared + [_ep("chat", "m1", task=pb.TASK_CHAT)], prune=True))
             assert sorted(pruned.deleted) == ["old"] and list(pruned.updated) == []
+            # So does an update's (update_config().result()).
+            await stub.UpdateEndpoint(pb.UpdateEndpointRequest(
+                endpoint=pb.Endpoint(name="applied", description="changed"),
+                update_mask={"paths": ["description"]}))
+            got = await other.GetEndpoint(pb.GetEndpointRequest(name="applied"))
+            assert got.endpoint.description == "changed"
         finally:
             call.cancel()
     # Put the module's registry back as the file declares it.

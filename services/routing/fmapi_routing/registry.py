@@ -116,6 +116,15 @@ class RegistryStore:
                               retry_after=1.0) from None
         return int(version or 0), {k.decode(): v.decode() for k, v in raw.items()}
 
+    async def get(self, name: str) -> str | None:
+        """One endpoint's stored JSON, as Redis has it now (None: no such endpoint)."""
+        try:
+            raw = await self._r.hget(ENDPOINTS, name)
+        except (RedisError, OSError):
+            raise Unavailable("the endpoint registry (Redis) is unavailable; retry shortly",
+                              retry_after=1.0) from None
+        return None if raw is None else raw.decode()
+
     async def models(self) -> dict[str, int]:
         """Every model a replica ever served, with its replica kind."""
         try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fmapi.routing.v1 import routing_pb2 as pb
 from fmapi.routing.v1 import routing_pb2_grpc
-from fmapi_common.endpoints import to_pb
-from fmapi_common.errors import PermissionDenied
+from fmapi_common.endpoints import Endpoint, to_pb
+from fmapi_common.errors import NotFound, PermissionDenied
 from fmapi_common.router import Router
 from fmapi_common.tls import EMBEDDING, GENERATION, peer_identity
 
@@ -33,7 +33,14 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
         self._store = store
 
     async def GetEndpoint(self, request, context):
-        return pb.GetEndpointResponse(endpoint=self._router.endpoint(request.name))
+        # From Redis, not this replica's view: a control-plane read right after a write made
+        # through another replica (the Databricks SDK's update_config().result()) must see it;
+        # the view catches up only after the change message and a rebuild.
+        raw = await self._control.store.get(request.name)
+        if raw is None:
+            raise NotFound(f"endpoint '{request.name}' does not exist", param="model",
+                           reason="model_not_found")
+        return pb.GetEndpointResponse(endpoint=to_pb(Endpoint.model_validate_json(raw)))
 
     async def ListEndpoints(self, request, context):
         return pb.ListEndpointsResponse(endpoints=list(self._view.message.endpoints))
