@@ -68,6 +68,11 @@ def endpoint_ready(ep: pb.Endpoint, live_models: set[str]) -> bool:
     return bool(taking) and all(se.model in live_models for se in taking)
 
 
+def no_such_endpoint(name: str) -> NotFound:
+    """The error for a request naming an endpoint the registry does not hold."""
+    return NotFound(f"endpoint '{name}' does not exist", param="model", reason="model_not_found")
+
+
 class Router:
     """``view`` returns the current snapshot (it changes under the router between calls)."""
 
@@ -80,9 +85,7 @@ class Router:
         view.require_loaded()
         ep = view.endpoints.get(name)
         if ep is None:
-            raise NotFound(
-                f"endpoint '{name}' does not exist", param="model", reason="model_not_found"
-            )
+            raise no_such_endpoint(name)
         return ep
 
     def replicas(self, endpoint: pb.Endpoint, model: str) -> list[pb.Replica]:

@@ -11,15 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from helpers.redis_server import free_port
 from unit.test_k8s_manifests import system_envoy_config
 
 LIMIT = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(conn: socket.socket) -> bytes:
@@ -37,7 +32,7 @@ def test_connections_past_the_limit_are_closed_and_the_open_ones_keep_working(tm
                 if m["name"] == "envoy.resource_monitors.global_downstream_max_connections"]
     assert limit["typed_config"]["max_active_downstream_connections"] > 1000  # the shipped one
     limit["typed_config"]["max_active_downstream_connections"] = LIMIT  # small enough to reach
-    port = _free_port()
+    port = free_port()
     cfg = {
         "overload_manager": {"resource_monitors": [limit]},
         "static_resources": {"listeners": [{

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fmapi.routing.v1 import routing_pb2 as pb
 from fmapi.routing.v1 import routing_pb2_grpc
 from fmapi_common.endpoints import Endpoint, to_pb
-from fmapi_common.errors import NotFound, PermissionDenied
-from fmapi_common.router import Router
+from fmapi_common.errors import PermissionDenied
+from fmapi_common.router import Router, no_such_endpoint
 from fmapi_common.tls import EMBEDDING, GENERATION, peer_identity
 
 from .convert import replica_from_pb, replica_to_pb
@@ -38,8 +38,7 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
         # the view catches up only after the change message and a rebuild.
         raw = await self._control.store.get(request.name)
         if raw is None:
-            raise NotFound(f"endpoint '{request.name}' does not exist", param="model",
-                           reason="model_not_found")
+            raise no_such_endpoint(request.name)
         return pb.GetEndpointResponse(endpoint=to_pb(Endpoint.model_validate_json(raw)))
 
     async def ListEndpoints(self, request, context):
