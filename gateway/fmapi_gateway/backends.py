@@ -159,12 +159,29 @@ class Backends:
 
     async def embed(self, address: str, request: embedding_pb2.EmbedRequest,
                     cap: float) -> embedding_pb2.EmbedResponse:
-        stub = embedding_pb2_grpc.EmbeddingServiceStub(self.pool.get(address, EMBEDDING))
-        timeout = min(self.idle_timeout, cap)
+        """The embedding server's answer, within ``cap``. ``Embed`` is unary: a request queued
+        behind others' large batches may rightly wait longer than the idle timeout, so each
+        idle timeout without its answer the server's health service is asked instead, and the
+        request is given up (504, the call cancelled) only when that goes unanswered for a
+        third of the idle timeout, as a frozen or vanished server's would. Any answer, draining
+        included, means the server is alive and still has the request."""
+        channel = self.pool.get(address, EMBEDDING)
+        call = embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(request, timeout=cap)
+        answer = asyncio.ensure_future(call)
         try:
-            return await stub.Embed(request, timeout=timeout)
+            while True:
+                done, _ = await asyncio.wait((answer,), timeout=self.idle_timeout)
+                if done:
+                    return answer.result()
+                if not await _answers(channel, self.keepalive_ms / 1000):
+                    raise DeadlineExceeded(
+                        f"the embedding server did not answer within {self.idle_timeout:g} s, "
+                        "nor its health check; the request was cancelled")
         except grpc.RpcError as exc:
-            raise call_error(exc, f"the embedding server did not answer within {timeout:g} s") from None
+            raise call_error(exc, f"the request ran past its {cap:g} s limit") from None
+        finally:
+            if not answer.done():
+                call.cancel()
 
     async def health(self) -> dict[str, str]:
         """Health of routing and of every live replica, as reported by their health services,
@@ -191,6 +208,17 @@ class Backends:
             numbered[kind] += 1
             out[f"{kind} {numbered[kind]}"] = state
         return out
+
+
+async def _answers(channel: grpc.aio.Channel, timeout: float) -> bool:
+    """Whether the server behind ``channel`` answers a health check within ``timeout``: any
+    status, NOT_SERVING (draining) included, proves its event loop and gRPC server run."""
+    try:
+        await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.RpcError:
+        return False
+    return True
 
 
 async def _check(channel: grpc.aio.Channel) -> str:

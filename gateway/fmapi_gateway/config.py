@@ -41,7 +41,8 @@ class GatewayConfig(ServiceConfig):
     # Idle timeout: longest wait for a backend's next message (a unary answer such as Embed, a
     # generation stream's first message, or its next one). Tokens that keep flowing never hit it,
     # nor does a request waiting in a busy engine's queue: model servers send keep-alives at a
-    # third of it (GenerateRequest.keepalive_ms).
+    # third of it (GenerateRequest.keepalive_ms), and an Embed answer that takes longer is
+    # waited for while the embedding server answers its health check (Backends.embed).
     backend_timeout_s: float = Field(30.0, gt=0)
     # Overall cap on one request, streaming included, for endpoints whose
     # limits.request_timeout_seconds is 0. Either timeout gives 504 and cancels the engine request.

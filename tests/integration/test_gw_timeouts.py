@@ -1,7 +1,7 @@
 """The gateway against frozen and endless backends: an idle timeout between a backend's
-messages (the first included, and unary answers such as Embed), an overall cap per request (the
-endpoint's ``limits.request_timeout_seconds``, else the gateway's default), and a client that
-leaves a non-streaming request.
+messages (the first included; for unary Embed, an unanswered health check after it), an overall
+cap per request (the endpoint's ``limits.request_timeout_seconds``, else the gateway's default),
+and a client that leaves a non-streaming request.
 
 The gateway runs in-process with its idle timeout set low; its backends are fakes on real gRPC
 servers that accept a call and then freeze (or keep sending tokens), since what is tested here
@@ -19,7 +19,7 @@ import grpc
 import httpx
 import pytest
 
-from fmapi.embedding.v1 import embedding_pb2_grpc
+from fmapi.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from fmapi.generation.v1 import generation_pb2 as gen_pb
 from fmapi.generation.v1 import generation_pb2_grpc
 from fmapi.routing.v1 import routing_pb2
@@ -28,6 +28,8 @@ from fmapi_gateway.backends import Backends
 from fmapi_gateway.config import GatewayConfig
 from fmapi_gateway.rest import build_app
 from fmapi_gateway.tokens_api import TokensApi
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 KEY = "ab" * 32
 IDLE = 0.5
@@ -74,7 +76,29 @@ class FrozenGeneration(generation_pb2_grpc.GenerationServiceServicer):
 
 
 class FrozenEmbedding(embedding_pb2_grpc.EmbeddingServiceServicer):
+    """Never answers, unless its first input is ``queued``: then it answers after three idle
+    timeouts, as a server whose batches are taken by others' large requests would. Records the
+    calls cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[float] = []
+
     async def Embed(self, request, context):
+        try:
+            if request.inputs[0].text == "queued":
+                await asyncio.sleep(3 * IDLE)
+                return embedding_pb2.EmbedResponse(
+                    embeddings=[embedding_pb2.Embedding(values=[0.6, 0.8])], input_tokens=1)
+            await asyncio.Event().wait()
+        except BaseException:
+            self.cancelled.append(time.monotonic())
+            raise
+
+
+class FrozenHealth(health_pb2_grpc.HealthServicer):
+    """The health service of a frozen process: it never answers either."""
+
+    async def Check(self, request, context):
         await asyncio.Event().wait()
 
 
@@ -101,25 +125,41 @@ def endpoint(name: str, task, address: str, cap: int = 0) -> routing_pb2.Resolve
 
 @pytest.fixture
 async def backends():
-    server = grpc.aio.server()
+    """One live server (its health service answers) with every fake, and one frozen process:
+    an embedding server whose health service hangs too."""
+    server, frozen = grpc.aio.server(), grpc.aio.server()
     gen = FrozenGeneration()
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(gen, server)
-    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(FrozenEmbedding(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    embedder = FrozenEmbedding()
+    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(embedder, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(embedder, frozen)
+    health_pb2_grpc.add_HealthServicer_to_server(FrozenHealth(), frozen)
+    addr = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    frozen_addr = f"127.0.0.1:{frozen.add_insecure_port('127.0.0.1:0')}"
     await server.start()
-    addr = f"127.0.0.1:{port}"
+    await frozen.start()
     yield gen, {
         "chat": endpoint("chat", routing_pb2.TASK_CHAT, addr),
         "chat-capped": endpoint("chat-capped", routing_pb2.TASK_CHAT, addr, cap=1),
         "embed": endpoint("embed", routing_pb2.TASK_EMBEDDINGS, addr),
-    }
+        "embed-frozen": endpoint("embed-frozen", routing_pb2.TASK_EMBEDDINGS, frozen_addr),
+    }, embedder
     await server.stop(0)
+    await frozen.stop(0)
+
+
+@pytest.fixture
+def embedder(backends) -> FrozenEmbedding:
+    return backends[2]
 
 
 @pytest.fixture
 async def app(backends):
     """A gateway app with a 0.5 s idle timeout and a 2 s default cap."""
-    gen, endpoints = backends
+    gen, endpoints, _ = backends
     config = GatewayConfig(routing_addr="127.0.0.1:1", auth_addr="127.0.0.1:1", quota_addr="127.0.0.1:1",
                            identity_key=KEY,
                            insecure=True, backend_timeout_s=IDLE, request_timeout_s=2.0)
@@ -154,7 +194,7 @@ def chat(model: str, prompt: str, **kw) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": prompt}], **kw}
 
 
-async def assert_cancelled(gen: FrozenGeneration) -> None:
+async def assert_cancelled(gen: FrozenGeneration | FrozenEmbedding) -> None:
     """The backend call was cancelled (which aborts the engine request) within a second."""
     deadline = time.monotonic() + 1.0
     while not gen.cancelled and time.monotonic() < deadline:
@@ -230,11 +270,35 @@ async def test_the_gateway_default_caps_endpoints_without_their_own_limit(gatewa
     await assert_cancelled(gen)
 
 
-async def test_a_frozen_embedding_server_gets_a_504_after_the_idle_timeout(gateway):
+async def test_a_frozen_embedding_server_gets_a_504_after_the_idle_timeout(gateway, embedder):
+    """No answer for an idle timeout, and its health service does not answer either (a third
+    of the idle timeout): the process is frozen; the call is cancelled."""
+    _, client = gateway
+    r, took = await post(client, "/v1/embeddings", {"model": "embed-frozen", "input": "hello"})
+    assert_timeout_error(r, "did not answer within 0.5 s, nor its health check")
+    assert IDLE + IDLE / 3 <= took < IDLE + 1.0
+    await assert_cancelled(embedder)
+
+
+async def test_an_embedding_queued_longer_than_the_idle_timeout_is_answered(gateway, embedder):
+    """A live embedding server (its health service answers) that takes three idle timeouts to
+    get to a request, busy with others' batches: the caller gets the vectors, not a 504."""
+    _, client = gateway
+    r, took = await post(client, "/v1/embeddings", {"model": "embed", "input": "queued"})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["embedding"] == [0.6, 0.8]
+    assert took >= 3 * IDLE
+    assert not embedder.cancelled
+
+
+async def test_a_live_embedding_server_that_never_answers_is_cut_at_the_cap(gateway, embedder):
+    """Alive (its health service answers) but the request never ends: the request's cap (the
+    gateway's 2 s default here) ends it with a 504, and the call is cancelled."""
     _, client = gateway
     r, took = await post(client, "/v1/embeddings", {"model": "embed", "input": "hello"})
-    assert_timeout_error(r, "did not answer within 0.5 s")
-    assert IDLE <= took < IDLE + 1.0
+    assert_timeout_error(r, "ran past its 2 s limit")
+    assert 2.0 <= took < 3.0
+    await assert_cancelled(embedder)
 
 
 async def test_a_non_streaming_client_that_leaves_cancels_the_generation(app):
