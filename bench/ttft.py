@@ -16,14 +16,20 @@ differences of adjacent blocks' p50s: what fmapi adds over vLLM, and of that wha
 metering (the admission the model server waits for) add; the rest is the path itself (Envoy,
 the gateway, one more gRPC hop). Goal (issue 15): fmapi's TTFT p50 <= vLLM's + 5 ms.
 
+``FMAPI_BENCH_TTFT_CONCURRENCY`` (default 1): streams in flight per side (closed loop: each of
+that many threads sends its next request when its last one ends), to split where TTFT goes
+under load the same way.
+
 Run: ``make bench ttft`` (or ``python -m bench ttft``); not part of a plain ``make bench``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .common import chat_stream_body, median, pct, signed_identity, table
@@ -33,6 +39,7 @@ BLOCKS = 12
 BLOCK = 20  # sequential requests per side per block
 WARMUP = 20
 OUTPUT_TOKENS = 16
+CONCURRENCY = int(os.environ.get("FMAPI_BENCH_TTFT_CONCURRENCY", "1"))
 PATH = "/v1/chat/completions"
 
 
@@ -96,20 +103,31 @@ def run() -> dict[str, float]:
                 ("no ext_authz", f"http://127.0.0.1:{noauth_port}", signed),
                 ("unmetered", systems["unmetered"].base_url, bearer(systems["unmetered"])),
             ):
-                clients[name] = (httpx.Client(base_url=url, timeout=60), headers)
+                clients[name] = (httpx.Client(
+                    base_url=url, timeout=60,
+                    limits=httpx.Limits(max_connections=CONCURRENCY + 4)), headers)
             body = chat_stream_body("tiny", OUTPUT_TOKENS)
             lat: dict[str, list[float]] = {name: [] for name in clients}
             blocks: dict[str, list[float]] = {name: [] for name in clients}
+            pool = ThreadPoolExecutor(CONCURRENCY)
+
+            def load(client, headers, n: int) -> list[float]:
+                """TTFTs of ``n`` requests per thread, CONCURRENCY threads at once."""
+                def one_thread() -> list[float]:
+                    return [_ttft(client, body, headers()) for _ in range(n)]
+                return [x for f in [pool.submit(one_thread) for _ in range(CONCURRENCY)]
+                        for x in f.result()]
+
             for client, headers in clients.values():
-                for _ in range(WARMUP):
-                    _ttft(client, body, headers())
+                load(client, headers, WARMUP)
             names = list(clients)
             for b in range(BLOCKS):
                 for name in names[b % len(names):] + names[:b % len(names)]:
                     client, headers = clients[name]
-                    got = [_ttft(client, body, headers()) for _ in range(BLOCK)]
+                    got = load(client, headers, BLOCK)
                     lat[name] += got
                     blocks[name].append(pct(got, 50))
+            pool.shutdown()
         finally:
             for client, _ in clients.values():
                 client.close()
@@ -123,8 +141,9 @@ def run() -> dict[str, float]:
     over_vllm = added("fmapi", "vLLM")
     authz = added("fmapi", "no ext_authz")
     metering = added("fmapi", "unmetered")
-    table(f"TTFT, tiny model, one stream at a time ({OUTPUT_TOKENS} tokens), "
-          f"{BLOCKS} rotating blocks of {BLOCK} per side", [
+    streams = "one stream at a time" if CONCURRENCY == 1 else f"{CONCURRENCY} streams at a time"
+    table(f"TTFT, tiny model, {streams} ({OUTPUT_TOKENS} tokens), "
+          f"{BLOCKS} rotating blocks of {BLOCK * CONCURRENCY} per side", [
         *((f"{name} TTFT p50 / p90", f"{pct(v, 50):6.2f} / {pct(v, 90):6.2f} ms")
           for name, v in lat.items()),
         ("fmapi over vLLM at p50", f"{over_vllm:6.2f} ms   (goal <= 5 ms)"),
