@@ -13,8 +13,8 @@ Four ways to the same engine flags, in interleaved blocks (the order rotating ea
 TTFT = the first SSE line with content text - the request sent (httpx, sequential, one
 keep-alive connection per side). Prints each side's TTFT p50 / p90 and, as medians of the
 differences of adjacent blocks' p50s: what fmapi adds over vLLM, and of that what ext_authz and
-metering (the admission the model server waits for) add; the rest is the path itself (Envoy,
-the gateway, one more gRPC hop). Goal (issue 15): fmapi's TTFT p50 <= vLLM's + 5 ms.
+metering (the admission the model server waits for and, under load, the CPU the settlements
+and usage records take) add; the rest is the path itself (Envoy, the gateway, one more gRPC hop). Goal (issue 15): fmapi's TTFT p50 <= vLLM's + 5 ms.
 
 ``FMAPI_BENCH_TTFT_CONCURRENCY`` (default 1): streams in flight per side (closed loop: each of
 that many threads sends its next request when its last one ends), to split where TTFT goes
@@ -36,7 +36,7 @@ from .common import chat_stream_body, median, pct, signed_identity, table
 from .generation import FMAPI_ENGINE_ENV, ROOT, _start_vllm, _wait_http
 
 BLOCKS = 12
-BLOCK = 20  # sequential requests per side per block
+BLOCK = 20  # sequential requests per side and thread per block
 WARMUP = 20
 OUTPUT_TOKENS = 16
 CONCURRENCY = int(os.environ.get("FMAPI_BENCH_TTFT_CONCURRENCY", "1"))
@@ -83,6 +83,7 @@ def run() -> dict[str, float]:
             for name, metered in (("fmapi", True), ("unmetered", False))
         }
         sup = Supervisor(tmp / "logs", grace=15)
+        pool = ThreadPoolExecutor(CONCURRENCY)
         clients: dict[str, tuple[httpx.Client, object]] = {}
         try:
             vllm_port = free_port()
@@ -109,7 +110,6 @@ def run() -> dict[str, float]:
             body = chat_stream_body("tiny", OUTPUT_TOKENS)
             lat: dict[str, list[float]] = {name: [] for name in clients}
             blocks: dict[str, list[float]] = {name: [] for name in clients}
-            pool = ThreadPoolExecutor(CONCURRENCY)
 
             def load(client, headers, n: int) -> list[float]:
                 """TTFTs of ``n`` requests per thread, CONCURRENCY threads at once."""
@@ -127,8 +127,8 @@ def run() -> dict[str, float]:
                     got = load(client, headers, BLOCK)
                     lat[name] += got
                     blocks[name].append(pct(got, 50))
-            pool.shutdown()
         finally:
+            pool.shutdown(cancel_futures=True)
             for client, _ in clients.values():
                 client.close()
             for s in systems.values():
@@ -148,7 +148,7 @@ def run() -> dict[str, float]:
           for name, v in lat.items()),
         ("fmapi over vLLM at p50", f"{over_vllm:6.2f} ms   (goal <= 5 ms)"),
         ("  of it: ext_authz", f"{authz:6.2f} ms"),
-        ("  of it: metering (the admission)", f"{metering:6.2f} ms"),
+        ("  of it: metering (admission, settlement)", f"{metering:6.2f} ms"),
         ("  of it: the rest of the path", f"{over_vllm - authz - metering:6.2f} ms   "
          "(Envoy, gateway, one more gRPC hop)"),
         ("(differences: median over blocks of the p50 differences of adjacent blocks)", ""),
