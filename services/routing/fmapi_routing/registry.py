@@ -99,6 +99,12 @@ def _check_registry(endpoints: dict[str, Endpoint], error=FailedPrecondition, *,
     raise error(message, param=param(name, field) if param else f"{name}.{field}")
 
 
+def _unavailable() -> Unavailable:
+    """What every registry read or write raises when Redis cannot be reached."""
+    return Unavailable("the endpoint registry (Redis) is unavailable; retry shortly",
+                       retry_after=1.0)
+
+
 class RegistryStore:
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
@@ -112,8 +118,7 @@ class RegistryStore:
                 p.hgetall(ENDPOINTS)
                 version, raw = await p.execute()
         except (RedisError, OSError):
-            raise Unavailable("the endpoint registry (Redis) is unavailable; retry shortly",
-                              retry_after=1.0) from None
+            raise _unavailable() from None
         return int(version or 0), {k.decode(): v.decode() for k, v in raw.items()}
 
     async def get(self, name: str) -> str | None:
@@ -121,8 +126,7 @@ class RegistryStore:
         try:
             raw = await self._r.hget(ENDPOINTS, name)
         except (RedisError, OSError):
-            raise Unavailable("the endpoint registry (Redis) is unavailable; retry shortly",
-                              retry_after=1.0) from None
+            raise _unavailable() from None
         return None if raw is None else raw.decode()
 
     async def models(self) -> dict[str, int]:
@@ -130,8 +134,7 @@ class RegistryStore:
         try:
             raw = await self._r.hgetall(MODELS)
         except (RedisError, OSError):
-            raise Unavailable("the endpoint registry (Redis) is unavailable; retry shortly",
-                              retry_after=1.0) from None
+            raise _unavailable() from None
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def write(self, changes: list[tuple[str, str, str]]) -> int:
@@ -148,8 +151,7 @@ class RegistryStore:
                                param="name") from None
             raise
         except (RedisError, OSError):
-            raise Unavailable("the endpoint registry (Redis) is unavailable; retry shortly",
-                              retry_after=1.0) from None
+            raise _unavailable() from None
 
 
 def _dump(ep: Endpoint) -> str:
